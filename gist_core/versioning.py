@@ -1,0 +1,101 @@
+"""Data versioning with DVC, and the git commit a run was made from.
+
+DVC is driven through its command line (``python -m dvc``), the interface it keeps stable. The data
+version a run records is the md5 DVC wrote for the stage's output in dvc.lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from gist_core.errors import VersioningError
+
+log = logging.getLogger(__name__)
+
+DATA_STAGE = "data"
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    stage: str
+    path: str  # output path relative to the project root
+    md5: str
+    remote: str | None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Stage commands call `gist`: make the interpreter's own scripts folder win, venv activated or not.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def run_dvc(root: Path, *args: str) -> str:
+    """Run a DVC command in the project; raise VersioningError with DVC's own message on failure."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    log.info("dvc %s", " ".join(args))
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=_env())
+    if proc.returncode != 0:
+        detail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-8:])
+        raise VersioningError(f"`dvc {' '.join(args)}` failed in {root}:\n{detail}")
+    return proc.stdout
+
+
+def default_remote(root: Path) -> str | None:
+    out = run_dvc(root, "remote", "list")
+    default = run_dvc(root, "config", "core.remote").strip() if out.strip() else ""
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == default:
+            return f"{parts[0]} {parts[1]}" if len(parts) > 1 else parts[0]
+    return None
+
+
+def lock_md5(root: Path, stage: str, out_path: str) -> str:
+    """The md5 of a stage output as recorded in dvc.lock."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        raise VersioningError(f"{lock}: not found; run `dvc repro {stage}` first")
+    data = yaml.safe_load(lock.read_text()) or {}
+    outs = (data.get("stages", {}).get(stage) or {}).get("outs") or []
+    for out in outs:
+        if out.get("path") == out_path:
+            return str(out["md5"])
+    raise VersioningError(f"{lock}: stage {stage!r} has no output {out_path!r}")
+
+
+def version_data(root: Path, out_path: str, stage: str = DATA_STAGE, push: bool = True) -> DataVersion:
+    """Reproduce the data stage (a no-op when nothing changed), push it, and return its version."""
+    if not (root / ".dvc").is_dir():
+        raise VersioningError(f"{root}: not a DVC project (no .dvc folder); run `dvc init`")
+    run_dvc(root, "repro", stage)
+    remote = default_remote(root)
+    if push:
+        if remote is None:
+            raise VersioningError(f"{root}: no default DVC remote; add one with `dvc remote add -d NAME URL`")
+        run_dvc(root, "push", stage)
+    return DataVersion(stage, out_path, lock_md5(root, stage, out_path), remote)
+
+
+def git_commit(root: Path) -> str:
+    """The HEAD commit, suffixed with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
