@@ -83,7 +83,7 @@ def _report_markdown(settings, run_id, evaluation, decision, version, data) -> s
     )
 
 
-@flow(name="gist-pipeline", log_prints=True)
+@flow(name="gist-pipeline")
 def gist_pipeline(root: str = ".", overrides: dict[str, Any] | None = None) -> stages.PipelineResult:
     """Run the four stages on the project at ``root`` with optional dotted-key setting overrides."""
     settings = load_settings(Path(root))

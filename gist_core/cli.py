@@ -35,9 +35,7 @@ RunOpt = Annotated[str | None, typer.Option("--run-id", help="log to this MLflow
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("GIST_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=os.environ.get("GIST_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -95,9 +93,7 @@ def data(root: RootOpt = Path(".")) -> None:
 
 @app.command("version-data")
 @_friendly
-def version_data_cmd(
-    root: RootOpt = Path("."), push: bool = typer.Option(True, help="push to the DVC remote")
-) -> None:
+def version_data_cmd(root: RootOpt = Path("."), push: bool = typer.Option(True, help="push to the DVC remote")) -> None:
     """`dvc repro` the data stage, push it, and print the data version."""
     from gist_core.stages import run_version_data
 
@@ -116,18 +112,14 @@ def train(root: RootOpt = Path("."), overrides: SetOpt = None, run_id: RunOpt = 
     run_id = run_id or registry.start_run(settings, run_name="gist-train")
     with registry.failing_run_marks_failed(settings, run_id):
         result = run_train(settings, None, run_id)
-    typer.echo(
-        f"trained {result.steps} steps (loss {result.train_loss:.4f}) -> {result.output_dir}; run {run_id}"
-    )
+    typer.echo(f"trained {result.steps} steps (loss {result.train_loss:.4f}) -> {result.output_dir}; run {run_id}")
 
 
 @app.command()
 @_friendly
 def evaluate(
     root: RootOpt = Path("."),
-    candidate: Annotated[
-        Path | None, typer.Option(help="checkpoint folder (default: train.output_dir)")
-    ] = None,
+    candidate: Annotated[Path | None, typer.Option(help="checkpoint folder (default: train.output_dir)")] = None,
     overrides: SetOpt = None,
     run_id: RunOpt = None,
 ) -> None:
@@ -157,13 +149,9 @@ def register(root: RootOpt = Path("."), overrides: SetOpt = None, run_id: RunOpt
     )
     run_id = run_id or registry.start_run(settings, run_name="gist-register")
     with registry.failing_run_marks_failed(settings, run_id):
-        version, decision = run_register(
-            settings, run_id, settings.path(settings.train.output_dir), evaluation, data
-        )
+        version, decision = run_register(settings, run_id, settings.path(settings.train.output_dir), evaluation, data)
     typer.echo(decision.summary())
-    typer.echo(
-        f"registered {version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})"
-    )
+    typer.echo(f"registered {version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})")
 
 
 @app.command()

@@ -38,9 +38,7 @@ class ClassificationSource(_Section):
     format: Literal["csv", "tsv", "jsonl", "parquet", "lastsep"] = "csv"
     text_column: str = "text"
     label_column: str = "label"
-    separator: str = Field(
-        ";", min_length=1, description="for format=lastsep: split each line on its last one"
-    )
+    separator: str = Field(";", min_length=1, description="for format=lastsep: split each line on its last one")
 
 
 class DataSettings(_Section):
@@ -75,11 +73,10 @@ class TrainSettings(_Section):
 
 
 class EvaluateSettings(_Section):
-    tasks: list[str] = Field(
-        default_factory=lambda: ["STSBenchmark", "Banking77Classification"], min_length=1
-    )
+    tasks: list[str] = Field(default_factory=lambda: ["STSBenchmark", "Banking77Classification"], min_length=1)
     data_dir: str = "data/raw"
     batch_size: int = Field(64, ge=1)
+    max_seq_length: int | None = Field(None, ge=8, le=8192, description="None: each model's own")
     cache_dir: str = ".cache/mteb"
     output: str = "reports/eval.json"
 

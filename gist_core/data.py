@@ -92,17 +92,13 @@ def _read_lastsep(path: Path, source: ClassificationSource, skipped: list[Skippe
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            skipped.append(
-                SkippedRow(source.path, i, "text", "not valid UTF-8", raw[:200].decode("utf-8", "replace"))
-            )
+            skipped.append(SkippedRow(source.path, i, "text", "not valid UTF-8", raw[:200].decode("utf-8", "replace")))
             continue
         if not line.strip():
             skipped.append(SkippedRow(source.path, i, "text", "blank line"))
             continue
         if source.separator not in line:
-            skipped.append(
-                SkippedRow(source.path, i, label_col, f"no {source.separator!r} separator", line[:200])
-            )
+            skipped.append(SkippedRow(source.path, i, label_col, f"no {source.separator!r} separator", line[:200]))
             continue
         text, label = line.rsplit(source.separator, 1)
         rows.append((i, text, label.strip()))
@@ -131,9 +127,7 @@ def _read_table(path: Path, source: ClassificationSource) -> pd.DataFrame:
     return frame
 
 
-def read_classification_source(
-    source: ClassificationSource, root: Path
-) -> tuple[pd.DataFrame, list[SkippedRow], int]:
+def read_classification_source(source: ClassificationSource, root: Path) -> tuple[pd.DataFrame, list[SkippedRow], int]:
     """Read one labelled text file into (row, text, label); return valid rows, skipped rows, input row count."""
     path = Path(source.path)
     path = path if path.is_absolute() else root / path
@@ -188,11 +182,7 @@ def build_triplets(frame: pd.DataFrame, task_name: str, seed: int) -> tuple[pd.D
     rng = np.random.default_rng(_task_seed(seed, task_name))
     counts = frame["label"].value_counts()
     singletons = frame[frame["label"].map(counts) < 2]
-    usable = (
-        frame[frame["label"].map(counts) >= 2]
-        .sort_values(["label", "row"], kind="stable")
-        .reset_index(drop=True)
-    )
+    usable = frame[frame["label"].map(counts) >= 2].sort_values(["label", "row"], kind="stable").reset_index(drop=True)
     if usable["label"].nunique() < 2:
         raise DataError(f"task {task_name}: needs at least two labels with two or more examples each")
     labels = usable["label"].to_numpy()
@@ -232,9 +222,7 @@ def prepare_task(
     report.quarantined += len(singletons)
     degenerate = (triplets["anchor"] == triplets["positive"]) | (triplets["anchor"] == triplets["negative"])
     for row, text in triplets.loc[degenerate, ["row", "anchor"]].itertuples(index=False):
-        skipped.append(
-            SkippedRow(path, int(row), "positive", "anchor equals its positive or negative", text[:200])
-        )
+        skipped.append(SkippedRow(path, int(row), "positive", "anchor equals its positive or negative", text[:200]))
     report.degenerate = int(degenerate.sum())
     triplets = triplets[~degenerate]
     dupes = triplets.duplicated(subset=["anchor", "positive", "negative"], keep="first")
@@ -254,9 +242,7 @@ def prepare_task(
     return triplets.drop(columns="row").reset_index(drop=True), report, skipped
 
 
-def prepare_data(
-    settings: DataSettings, root: Path, seed: int
-) -> tuple[pd.DataFrame, DataReport, list[SkippedRow]]:
+def prepare_data(settings: DataSettings, root: Path, seed: int) -> tuple[pd.DataFrame, DataReport, list[SkippedRow]]:
     """Triplets from every configured classification source, concatenated in config order."""
     frames, reports, skipped = [], [], []
     for source in settings.classification:

@@ -76,9 +76,7 @@ def decide(
         RuleOutcome(
             "required_tasks",
             not missing_required,
-            f"required tasks missing: {missing_required}"
-            if missing_required
-            else "all required tasks scored",
+            f"required tasks missing: {missing_required}" if missing_required else "all required tasks scored",
         )
     )
     missing = sorted(set(baseline) - set(candidate))

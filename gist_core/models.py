@@ -120,9 +120,7 @@ def ensure_available(model: ModelRef, provision_missing: bool = True) -> ModelRe
     packaged = packaged_model(model.ref)
     assert packaged is not None
     if not provision_missing:
-        raise ModelError(
-            f"model {model.ref!r} is not provisioned at {model.location}: run `gist models provision`"
-        )
+        raise ModelError(f"model {model.ref!r} is not provisioned at {model.location}: run `gist models provision`")
     provision(packaged, Path(model.location).parent)
     return model
 
@@ -257,13 +255,9 @@ def load_sentence_transformer(
         st = SentenceTransformer(model.location, device=device, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one clear line
         where = (
-            "the Hugging Face Hub (is it reachable? HF_HUB_OFFLINE set?)"
-            if model.source == "hub"
-            else model.location
+            "the Hugging Face Hub (is it reachable? HF_HUB_OFFLINE set?)" if model.source == "hub" else model.location
         )
-        raise ModelError(
-            f"could not load model {model.ref!r} from {where}: {type(err).__name__}: {err}"
-        ) from err
+        raise ModelError(f"could not load model {model.ref!r} from {where}: {type(err).__name__}: {err}") from err
     if max_seq_length is not None:
         st.max_seq_length = max_seq_length
     return st

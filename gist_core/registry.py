@@ -133,9 +133,7 @@ def log_params(settings: Settings, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     mlc = client(settings)
-    items = [
-        Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in sorted(params.items())
-    ]
+    items = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in sorted(params.items())]
     for start in range(0, len(items), 100):
         mlc.log_batch(run_id, params=items[start : start + 100])
 
@@ -163,9 +161,7 @@ def metric_logger(settings: Settings, run_id: str, prefix: str = "train/"):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        mlc.log_batch(
-            run_id, metrics=[Metric(_metric_key(prefix + k), v, now, step) for k, v in values.items()]
-        )
+        mlc.log_batch(run_id, metrics=[Metric(_metric_key(prefix + k), v, now, step) for k, v in values.items()])
 
     return _log
 
@@ -246,16 +242,12 @@ def champion_version(settings: Settings) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(
-            client(settings).get_model_version_by_alias(settings.registry.model_name, CHAMPION).version
-        )
+        return str(client(settings).get_model_version_by_alias(settings.registry.model_name, CHAMPION).version)
     except MlflowException:
         return None
 
 
-def apply_decision(
-    settings: Settings, version: RegisteredVersion, decision: GateDecision
-) -> RegisteredVersion:
+def apply_decision(settings: Settings, version: RegisteredVersion, decision: GateDecision) -> RegisteredVersion:
     """Record the gate's decision on the version; a promotable pass becomes challenger, then champion."""
     mlc = client(settings)
     name, number = version.name, version.version

@@ -44,9 +44,7 @@ class EvalOutput:
         try:
             return cls(**json.loads(path.read_text()))
         except (ValueError, TypeError) as err:
-            raise EvaluationError(
-                f"{path}: not an evaluation output written by `gist evaluate`: {err}"
-            ) from None
+            raise EvaluationError(f"{path}: not an evaluation output written by `gist evaluate`: {err}") from None
 
 
 @dataclass
@@ -146,7 +144,9 @@ def run_evaluate(settings: Settings, candidate_dir: Path, run_id: str | None) ->
         name, revision = _model_identity(ref)
         if role == "candidate":
             name = f"gist-candidate/{settings.registry.model_name}"
-        model = load_sentence_transformer(ref, settings.train.max_seq_length)
+        if cfg.max_seq_length is not None:
+            revision += f"-len{cfg.max_seq_length}"  # cached results are keyed by (name, revision)
+        model = load_sentence_transformer(ref, cfg.max_seq_length)
         results[role] = evaluate_model(
             model,
             model_name=name,
@@ -173,17 +173,13 @@ def run_evaluate(settings: Settings, candidate_dir: Path, run_id: str | None) ->
     if run_id:
         metrics = {f"eval/{t}": v for t, v in out.candidate.items()}
         metrics |= {f"base/{t}": v for t, v in out.baseline.items()}
-        metrics |= {
-            f"delta/{t}": out.candidate[t] - out.baseline[t] for t in out.candidate if t in out.baseline
-        }
+        metrics |= {f"delta/{t}": out.candidate[t] - out.baseline[t] for t in out.candidate if t in out.baseline}
         registry.log_metrics(settings, run_id, metrics)
         registry.log_artifact_dict(settings, run_id, summary, "evaluation/summary.json")
     return out
 
 
-def _description(
-    settings: Settings, data: DataVersion, evaluation: EvalOutput, decision: GateDecision
-) -> str:
+def _description(settings: Settings, data: DataVersion, evaluation: EvalOutput, decision: GateDecision) -> str:
     lines = [
         f"GISTEmbed fine-tune of {settings.base.student} guided by {settings.base.guide} "
         f"({settings.train.loss} loss, {settings.train.max_steps} steps, batch {settings.train.batch_size}).",

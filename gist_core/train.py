@@ -106,9 +106,7 @@ def _make_callback(on_log: LogFn | None, history: list[dict[str, float]]) -> Any
     from transformers import TrainerCallback
 
     class _LogCallback(TrainerCallback):
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
-        ) -> None:
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
             numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)}
             if not numeric:
                 return
@@ -129,7 +127,9 @@ def train(settings: Settings, triplets_path: Path, on_log: LogFn | None = None) 
     device = pick_device()
     student_ref, guide_ref = resolve_models(settings)
     train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches)
-    student = load_sentence_transformer(student_ref, cfg.max_seq_length, device)
+    student = load_sentence_transformer(student_ref, None, device)
+    native_max_seq_length = student.max_seq_length
+    student.max_seq_length = cfg.max_seq_length
     guide = load_sentence_transformer(guide_ref, cfg.max_seq_length, device) if cfg.loss == "gist" else None
     loss = build_loss(settings, student, guide)
 
@@ -166,6 +166,9 @@ def train(settings: Settings, triplets_path: Path, on_log: LogFn | None = None) 
     staged = output_dir.with_name(output_dir.name + ".partial")
     if staged.exists():
         shutil.rmtree(staged)
+    # The checkpoint keeps the student's own max_seq_length: the training length is a speed setting,
+    # and evaluation compares base and candidate under the same, published-comparable length.
+    student.max_seq_length = native_max_seq_length
     student.save(str(staged))
     result = TrainResult(
         output_dir=output_dir,
@@ -179,9 +182,7 @@ def train(settings: Settings, triplets_path: Path, on_log: LogFn | None = None) 
     if output_dir.exists():
         shutil.rmtree(output_dir)
     staged.rename(output_dir)  # a checkpoint folder is either complete or absent
-    log.info(
-        "trained %d steps in %.1f s (loss %.4f) -> %s", result.steps, seconds, result.train_loss, output_dir
-    )
+    log.info("trained %d steps in %.1f s (loss %.4f) -> %s", result.steps, seconds, result.train_loss, output_dir)
     return result
 
 

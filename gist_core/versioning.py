@@ -52,13 +52,16 @@ def run_dvc(root: Path, *args: str) -> str:
 
 
 def default_remote(root: Path) -> str | None:
-    out = run_dvc(root, "remote", "list")
-    default = run_dvc(root, "config", "core.remote").strip() if out.strip() else ""
-    for line in out.splitlines():
-        parts = line.split()
-        if parts and parts[0] == default:
-            return f"{parts[0]} {parts[1]}" if len(parts) > 1 else parts[0]
-    return None
+    """``NAME URL`` of the default remote, or None when there is none."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "config", "core.remote"], cwd=root, capture_output=True, text=True, env=_env()
+    )
+    name = proc.stdout.strip()
+    if proc.returncode != 0 or not name:
+        return None
+    # Read the URL by key: `dvc remote list` wraps long lines when stdout is not a terminal.
+    url = run_dvc(root, "config", f"remote.{name}.url").strip()
+    return f"{name} {url}"
 
 
 def lock_md5(root: Path, stage: str, out_path: str) -> str:

@@ -45,7 +45,7 @@ def test_default_triplets(repo_root: Path) -> None:
     # every positive shares the anchor's label, every negative does not
     for source in settings.data.classification:
         frame, _, _ = read_classification_source(source, repo_root)
-        label_of = dict(zip(frame["text"], frame["label"]))
+        label_of = dict(zip(frame["text"], frame["label"], strict=True))
         task = data[data["task_name"] == source.name]
         same = (task["anchor"].map(label_of) == task["positive"].map(label_of)).mean()
         other = (task["anchor"].map(label_of) != task["negative"].map(label_of)).mean()

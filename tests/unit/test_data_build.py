@@ -12,14 +12,20 @@ from gist_core.errors import DataError
 
 
 def _frame(labels: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"row": range(1, len(labels) + 1), "text": [f"text {i} {l}" for i, l in enumerate(labels)], "label": labels})
+    return pd.DataFrame(
+        {
+            "row": range(1, len(labels) + 1),
+            "text": [f"text {i} {lab}" for i, lab in enumerate(labels)],
+            "label": labels,
+        }
+    )
 
 
 def test_positive_same_label_negative_other_label() -> None:
     frame = _frame(["a"] * 5 + ["b"] * 3 + ["c"] * 7)
     triplets, singletons = build_triplets(frame, "T", seed=1)
     assert singletons.empty and len(triplets) == 15
-    label_of = dict(zip(frame["text"], frame["label"]))
+    label_of = dict(zip(frame["text"], frame["label"], strict=True))
     for row in triplets.itertuples():
         assert row.anchor != row.positive
         assert label_of[row.positive] == label_of[row.anchor]
@@ -49,7 +55,16 @@ def _write(path: Path, text: str | bytes) -> Path:
 
 
 def test_bad_rows_are_quarantined_with_file_row_and_reason(tmp_path: Path) -> None:
-    rows = ["text,category", "good one,a", "good two,a", "   ,a", "no label,", "good three,b", "good four,b", "lonely,c"]
+    rows = [
+        "text,category",
+        "good one,a",
+        "good two,a",
+        "   ,a",
+        "no label,",
+        "good three,b",
+        "good four,b",
+        "lonely,c",
+    ]
     _write(tmp_path / "t.csv", "\n".join(rows) + "\n")
     source = ClassificationSource(name="T", path="t.csv", text_column="text", label_column="category")
     triplets, report, skipped = prepare_task(source, tmp_path, seed=0, max_per_task=None)
@@ -59,13 +74,21 @@ def test_bad_rows_are_quarantined_with_file_row_and_reason(tmp_path: Path) -> No
     assert (7, "label", "label has a single example") in reasons
     assert all(s.file == "t.csv" for s in skipped)
     assert report.input_rows == 7 and report.kept == 4 and report.quarantined == 3
-    assert report.input_rows == report.kept + report.quarantined + report.degenerate + report.duplicates + report.not_sampled
+    assert (
+        report.input_rows
+        == report.kept + report.quarantined + report.degenerate + report.duplicates + report.not_sampled
+    )
 
 
 def test_lastsep_format_splits_on_last_separator_and_quarantines_bad_bytes(tmp_path: Path) -> None:
-    body = b"text;label_name\nhappy; really happy;joy\nglad;joy\nsad;sadness\nblue;sadness\n\xff\xfe broken;joy\nno separator here\n"
+    body = (
+        b"text;label_name\nhappy; really happy;joy\nglad;joy\nsad;sadness\nblue;sadness\n"
+        b"\xff\xfe broken;joy\nno separator here\n"
+    )
     _write(tmp_path / "e.txt", body)
-    source = ClassificationSource(name="E", path="e.txt", format="lastsep", text_column="text", label_column="label_name")
+    source = ClassificationSource(
+        name="E", path="e.txt", format="lastsep", text_column="text", label_column="label_name"
+    )
     triplets, report, skipped = prepare_task(source, tmp_path, seed=0, max_per_task=None)
     assert "happy; really happy" in set(triplets["anchor"])
     by_row = {s.row: s.reason for s in skipped}

