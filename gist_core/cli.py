@@ -37,6 +37,9 @@ RunOpt = Annotated[str | None, typer.Option("--run-id", help="log to this MLflow
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("GIST_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server migrates a fresh database on first use; on a loaded 2-core machine that
+    # can take longer than Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
