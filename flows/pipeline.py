@@ -2,100 +2,209 @@
 
 Tasks are thin wrappers over ``gist_core.stages``; they pass paths, ids and hashes, not models.
 With PREFECT_API_URL unset the flow runs on a temporary in-process server; with it set, runs show
-up in that server's UI.
+up in that server's UI. ``flows/deployments.py`` serves the flow for UI-triggered and scheduled runs.
+
+A run ends in one of three clear states:
+- Completed, message "gate passed ..." (the candidate was promoted, or recorded in dry-run mode);
+- Completed named "Blocked", message "gate blocked: <reasons>" (registered, champion unchanged);
+- Failed, message "stage <name> failed: <error>" (``preflight`` for bad parameters or inputs).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.states import Completed, Failed, State
+from prefect.transactions import Transaction, transaction
 
+from flows import caching, launch, report
+from flows.parameters import PipelineParameters, apply_parameters
 from gist_core import registry, stages
 from gist_core.config import Settings, load_settings, with_overrides
 from gist_core.errors import RegistryError, VersioningError
+from gist_core.gate import GateDecision
 from gist_core.versioning import DataVersion
+
+BLOCKED_STATE = "Blocked"
+
+
+# DVC commands that talk to the remote; a failing `dvc repro` is the data or the code, never transient.
+_DVC_REMOTE_COMMANDS = ("`dvc push", "`dvc pull", "`dvc fetch")
+
+
+def is_transient(err: BaseException) -> bool:
+    """MLflow and DVC-remote I/O that a retry may fix; bad input and failing stages are not."""
+    if isinstance(err, VersioningError):
+        return str(err).startswith(_DVC_REMOTE_COMMANDS)
+    return isinstance(err, RegistryError | ConnectionError | TimeoutError)
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only I/O that can fail transiently (registry, DVC remote), never bad input."""
+    """Prefect's retry condition: retry only transient I/O (``is_transient``)."""
     try:
         state.result()
-    except (RegistryError, VersioningError, ConnectionError, TimeoutError):
-        return True
-    except Exception:  # noqa: BLE001
-        return False
+    except Exception as err:  # noqa: BLE001
+        return is_transient(err)
     return False
 
 
-@task(name="1-version-data", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+def _data_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    return caching.data_cache_key(parameters["settings"])
+
+
+@task(
+    name="1-version-data",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    cache_key_fn=_data_cache_key,
+    persist_result=True,
+)
 def version_data(settings: Settings) -> DataVersion:
-    data = stages.run_version_data(settings)
+    """`dvc repro` + `dvc push` with this run's data params; cached while DVC's inputs are unchanged."""
+    with caching.dvc_params_applied(settings):
+        data = stages.run_version_data(settings)
     get_run_logger().info("data version %s (%s), remote %s", data.md5, data.path, data.remote)
     return data
 
 
 @task(name="2-fine-tune")
-def fine_tune(settings: Settings, data: DataVersion, run_id: str) -> dict[str, Any]:
-    result = stages.run_train(settings, data, run_id)
-    get_run_logger().info("trained %d steps, final loss %.4f, %.0f s", result.steps, result.train_loss, result.seconds)
-    return result.to_dict()
+def fine_tune(settings: Settings, data: DataVersion, run_id: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    if settings.orchestration.train_launcher == "torchrun":
+        result = launch.run_torchrun(settings, run_id, overrides)
+    else:
+        result = stages.run_train(settings, data, run_id).to_dict()
+    get_run_logger().info(
+        "trained %d steps, final loss %.4f, %.0f s", result["steps"], result["train_loss"], result["seconds"]
+    )
+    return result
+
+
+@task(name="3-fetch-champion", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+def fetch_champion(settings: Settings) -> str | None:
+    """Download the current champion to score it beside the candidate (None: no champion, or gate.baseline base)."""
+    folder = stages.run_fetch_champion(settings)
+    return None if folder is None else str(folder)
 
 
 @task(name="3-evaluate")
-def evaluate(settings: Settings, candidate_dir: str, run_id: str) -> stages.EvalOutput:
-    return stages.run_evaluate(settings, Path(candidate_dir), run_id)
+def evaluate(settings: Settings, candidate_dir: str, run_id: str, champion_dir: str | None) -> stages.EvalOutput:
+    return stages.run_evaluate(settings, Path(candidate_dir), run_id, Path(champion_dir) if champion_dir else None)
+
+
+def part_settings(settings: Settings, task_name: str) -> Settings:
+    """Settings that score one entry of evaluate.tasks into the shared result cache."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", task_name)
+    return with_overrides(
+        settings,
+        {
+            "evaluate.tasks": [task_name],
+            "evaluate.output": f"{settings.evaluate.cache_dir}/parts/{safe}.json",
+            "gate.required_tasks": [],
+        },
+    )
+
+
+@task(name="3-evaluate-task", task_run_name="3-evaluate-{task_name}")
+def evaluate_task(settings: Settings, candidate_dir: str, champion_dir: str | None, task_name: str) -> dict[str, float]:
+    """Score every model on one task; the result cache makes the merging ``3-evaluate`` cheap."""
+    champion = Path(champion_dir) if champion_dir else None
+    return stages.run_evaluate(part_settings(settings, task_name), Path(candidate_dir), None, champion).candidate
 
 
 @task(name="4-register-and-gate", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
 def register(
     settings: Settings, run_id: str, candidate_dir: str, evaluation: stages.EvalOutput, data: DataVersion
-) -> tuple[registry.RegisteredVersion, Any]:
-    version, decision = stages.run_register(settings, run_id, Path(candidate_dir), evaluation, data)
-    create_markdown_artifact(
-        key="gist-gate-decision",
-        markdown=_report_markdown(settings, run_id, evaluation, decision, version, data),
-        description="Per-task scores, deltas and the promotion gate's decision",
-    )
+) -> tuple[registry.RegisteredVersion, GateDecision]:
+    return stages.run_register(settings, run_id, Path(candidate_dir), evaluation, data)
+
+
+@register.on_rollback
+def _revoke_promotion(txn: Transaction) -> None:
+    version = txn.get("version", None)
+    if version is not None:
+        done = registry.revoke_promotion(
+            txn.get("settings"), version, txn.get("previous_champion", None), "a step after the gate failed"
+        )
+        get_run_logger().warning("rolled back the promotion of version %s: %s", version.version, "; ".join(done))
+
+
+@task(name="4-publish-decision")
+def publish_decision(
+    settings: Settings,
+    run_id: str,
+    evaluation: stages.EvalOutput,
+    decision: GateDecision,
+    version: registry.RegisteredVersion,
+    data: DataVersion,
+) -> dict[str, str]:
+    """Artifacts for the UI, then a check that the registry holds what the gate decided."""
+    links = report.publish(settings, run_id, evaluation, decision, version, data)
+    champion = registry.champion_version(settings)
+    if decision.promote and champion != version.version:
+        raise RegistryError(f"gate promoted version {version.version} but champion is {champion}")
+    return links
+
+
+def evaluate_stage(settings: Settings, candidate_dir: str, run_id: str) -> stages.EvalOutput:
+    """Fetch the champion, then score; with ``orchestration.parallel_evaluation`` one task per entry first."""
+    champion_dir = fetch_champion(settings)
+    if settings.orchestration.parallel_evaluation:
+        parts = evaluate_task.map(
+            unmapped(settings), unmapped(candidate_dir), unmapped(champion_dir), list(settings.evaluate.tasks)
+        )
+        parts.result()  # raise the first failing task's error here, named as this stage
+    return evaluate(settings, candidate_dir, run_id, champion_dir)
+
+
+def register_and_publish(
+    settings: Settings, run_id: str, candidate_dir: str, evaluation: stages.EvalOutput, data: DataVersion
+) -> tuple[registry.RegisteredVersion, GateDecision]:
+    """Gate, register and publish in one transaction: if publishing fails, the promotion is rolled back."""
+    with transaction() as txn:
+        txn.set("settings", settings)
+        txn.set("previous_champion", registry.champion_version(settings))
+        version, decision = register(settings, run_id, candidate_dir, evaluation, data)
+        txn.set("version", version)
+        publish_decision(settings, run_id, evaluation, decision, version, data)
     return version, decision
 
 
-def _report_markdown(settings, run_id, evaluation, decision, version, data) -> str:  # noqa: ANN001
-    rows = ["| task | candidate | base | delta |", "|---|---:|---:|---:|"]
-    for task_name, score in evaluation.candidate.items():
-        base = evaluation.baseline.get(task_name, float("nan"))
-        rows.append(f"| {task_name} | {score:.4f} | {base:.4f} | {score - base:+.4f} |")
-    rules = [f"- {'pass' if r.passed else 'FAIL'} `{r.rule}`: {r.detail}" for r in decision.rules]
-    return "\n".join(
-        [
-            f"# {decision.summary()}",
-            "",
-            *rows,
-            "",
-            *rules,
-            "",
-            f"Model: `{version.model_uri}` aliases: {', '.join(version.aliases) or 'none'}",
-            f"MLflow run: {registry.run_url(settings, run_id)}",
-            f"Data version: `{data.md5}` ({data.path})",
-        ]
-    )
+def final_state(result: stages.PipelineResult) -> State:
+    """Completed (gate passed or promoted without checks) or Completed named Blocked, with the headline."""
+    if result.decision.passed:
+        return Completed(message=result.headline(), data=result)
+    return Completed(name=BLOCKED_STATE, message=result.headline(), data=result)
 
 
 @flow(name="gist-pipeline")
-def gist_pipeline(root: str = ".", overrides: dict[str, Any] | None = None) -> stages.PipelineResult:
-    """Run the four stages on the project at ``root`` with optional dotted-key setting overrides."""
-    settings = load_settings(Path(root))
-    if overrides:
-        settings = with_overrides(settings, overrides)
-    stages.preflight(settings)
-    data = version_data(settings)
-    run_id = registry.start_run(settings, run_name="gist-pipeline", tags={"data_version": data.md5})
-    with registry.failing_run_marks_failed(settings, run_id):
-        trained = fine_tune(settings, data, run_id)
-        evaluation = evaluate(settings, trained["output_dir"], run_id)
-        version, decision = register(settings, run_id, trained["output_dir"], evaluation, data)
+def gist_pipeline(root: str = ".", params: PipelineParameters = PipelineParameters()) -> stages.PipelineResult:
+    """Run the four stages on the project at ``root``; ``params`` override params.yaml for this run."""
+    logger = get_run_logger()
+    stage = "preflight"
+    try:
+        settings, overrides = apply_parameters(load_settings(Path(root)), params)
+        stages.preflight(settings)
+        stage = "1-version-data"
+        version_task = version_data
+        if not settings.orchestration.cache_data_stage:
+            version_task = version_data.with_options(refresh_cache=True)
+        data = version_task(settings)
+        stage = "start-mlflow-run"
+        run_id = registry.start_run(settings, run_name="gist-pipeline", tags={"data_version": data.md5})
+        with registry.failing_run_marks_failed(settings, run_id):
+            stage = "2-fine-tune"
+            trained = fine_tune(settings, data, run_id, overrides)
+            stage = "3-evaluate"
+            evaluation = evaluate_stage(settings, trained["output_dir"], run_id)
+            stage = "4-register-and-gate"
+            version, decision = register_and_publish(settings, run_id, trained["output_dir"], evaluation, data)
+    except Exception as err:  # noqa: BLE001 - the run's state names the stage; callers get the error back
+        logger.error("stage %s failed: %s: %s", stage, type(err).__name__, err)
+        return Failed(message=f"stage {stage} failed: {type(err).__name__}: {err}", data=err)
     result = stages.PipelineResult(data, run_id, trained, evaluation, decision, version)
-    get_run_logger().info(result.headline())
-    return result
+    logger.info(result.headline())
+    return final_state(result)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 import yaml
@@ -23,6 +23,10 @@ from gist_core.errors import ConfigError, GistError
 app = typer.Typer(help="GISTEmbed training pipeline.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Offline models packaged on PyPI.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+registry_app = typer.Typer(
+    help="The MLflow model registry: champion history, rollback, embeddings.", no_args_is_help=True
+)
+app.add_typer(registry_app, name="registry")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,17 +84,43 @@ def _settings(root: Path, overrides: list[str] | None = None):  # noqa: ANN202
 
 @app.command()
 @_friendly
-def data(root: RootOpt = Path(".")) -> None:
-    """Build the training triplets (the DVC `data` stage runs this)."""
-    from gist_core.stages import run_data_stage
+def data(
+    root: RootOpt = Path("."),
+    step: Annotated[
+        Literal["all", "mine", "combine"],
+        typer.Option(help="mine: the DVC `mine` stage; combine: the DVC `data` stage; all: both"),
+    ] = "all",
+) -> None:
+    """Build the training triplets: mine the classification sets, add MEDI, audit (`dvc repro data` runs both steps)."""
+    from gist_core.stages import run_data_stage, run_mine_stage
 
     settings = _settings(root)
-    report = run_data_stage(settings)
+    if step == "mine":
+        mined = run_mine_stage(settings)
+        typer.echo(f"{len(mined.triplets)} mined triplets -> {settings.data.mined}")
+        return
+    report = run_data_stage(settings, mine=step == "all")
     totals = report.totals
     typer.echo(
         f"{totals['kept']} triplets from {totals['input_rows']} rows "
         f"({totals['quarantined']} quarantined, {totals['degenerate']} degenerate, "
-        f"{totals['duplicates']} duplicates, {totals['not_sampled']} not sampled) -> {settings.data.output}"
+        f"{totals['duplicates']} duplicates, {totals['decontaminated']} decontaminated, "
+        f"{totals['not_sampled']} not sampled; guide flags {totals['guide_flagged']} of {totals['guide_scored']}) "
+        f"-> {settings.data.output}"
+    )
+
+
+@app.command("guide-cache")
+@_friendly
+def guide_cache(root: RootOpt = Path(".")) -> None:
+    """Embed every training text with the frozen guide once (the DVC `guide_cache` stage runs this)."""
+    from gist_core.stages import run_guide_cache
+
+    settings = _settings(root)
+    manifest = run_guide_cache(settings)
+    typer.echo(
+        f"{manifest['entries']} guide embeddings of {manifest['texts']} texts in {manifest['seconds']:.1f} s "
+        f"-> {settings.train.guide_cache_dir}"
     )
 
 
@@ -107,11 +137,15 @@ def version_data_cmd(root: RootOpt = Path("."), push: bool = typer.Option(True, 
 @app.command()
 @_friendly
 def train(root: RootOpt = Path("."), overrides: SetOpt = None, run_id: RunOpt = None) -> None:
-    """Fine-tune the student on the prepared triplets."""
+    """Fine-tune the student on the prepared triplets (also under `torchrun` / `accelerate launch`)."""
     from gist_core import registry
     from gist_core.stages import run_train
+    from gist_core.train import is_main_process
 
     settings = _settings(root, overrides)
+    if not is_main_process():  # a torchrun replica: rank 0 alone starts the MLflow run and reports
+        run_train(settings, None, None)
+        return
     run_id = run_id or registry.start_run(settings, run_name="gist-train")
     with registry.failing_run_marks_failed(settings, run_id):
         result = run_train(settings, None, run_id)
@@ -125,16 +159,19 @@ def evaluate(
     candidate: Annotated[Path | None, typer.Option(help="checkpoint folder (default: train.output_dir)")] = None,
     overrides: SetOpt = None,
     run_id: RunOpt = None,
+    champion: Annotated[Path | None, typer.Option(help="the current champion's model folder, to compare too")] = None,
 ) -> None:
-    """Score the base model and the candidate on the evaluation tasks."""
+    """Score the base model, the candidate (and a champion folder) on the evaluation tasks."""
     from gist_core.stages import run_evaluate
 
     settings = _settings(root, overrides)
-    out = run_evaluate(settings, candidate or settings.path(settings.train.output_dir), run_id)
+    out = run_evaluate(settings, candidate or settings.path(settings.train.output_dir), run_id, champion)
     for task, score in out.candidate.items():
-        typer.echo(
-            f"{task}: candidate {score:.4f} base {out.baseline[task]:.4f} delta {score - out.baseline[task]:+.4f}"
-        )
+        line = f"{task}: candidate {score:.4f} base {out.baseline[task]:.4f} delta {score - out.baseline[task]:+.4f}"
+        if "champion" in out.baselines:
+            champ = out.baselines["champion"][task]
+            line += f" champion {champ:.4f} delta {score - champ:+.4f}"
+        typer.echo(line)
 
 
 @app.command()
@@ -165,15 +202,29 @@ def pipeline(root: RootOpt = Path("."), overrides: SetOpt = None) -> None:
 
     parsed = parse_overrides(overrides)
     preflight(_settings(root, overrides))  # fail on bad settings or inputs before Prefect starts
+    from flows.parameters import PipelineParameters
     from flows.pipeline import gist_pipeline
 
-    result = gist_pipeline(root=str(root.resolve()), overrides=parsed)
+    result = gist_pipeline(root=str(root.resolve()), params=PipelineParameters(overrides=parsed))
     typer.echo("")
     typer.echo("== GIST pipeline finished ==")
     for task, score in result.evaluation.candidate.items():
         base = result.evaluation.baseline[task]
         typer.echo(f"  {task:<28} candidate {score:.4f}  base {base:.4f}  delta {score - base:+.4f}")
     typer.echo(result.headline())
+
+
+@app.command()
+@_friendly
+def serve(
+    root: RootOpt = Path("."),
+    port: Annotated[int, typer.Option(help="local Prefect server port (used when PREFECT_API_URL is unset)")] = 4200,
+    schedule: Annotated[bool, typer.Option(help="also serve the scheduled-retrain deployment")] = True,
+) -> None:
+    """Serve the pipeline's deployments for UI-triggered and scheduled runs (starts a Prefect server if needed)."""
+    from flows.deployments import serve_pipeline
+
+    serve_pipeline(_settings(root), port=port, schedule=schedule, echo=typer.echo)
 
 
 @models_app.command("provision")
@@ -205,6 +256,70 @@ def models_list() -> None:
 
     for model in PACKAGED_MODELS.values():
         typer.echo(f"{model.name:<20} {model.hub_id:<42} {' '.join(model.packages)}")
+
+
+NameArg = Annotated[str, typer.Argument(help="registered model name, e.g. gist-embedding")]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: registry.tracking_uri of params.yaml)"),
+]
+
+
+def _registry_store(root: Path, tracking_uri: str | None):  # noqa: ANN202
+    """--tracking-uri, else the project's settings, else MLFLOW_TRACKING_URI (no params.yaml needed)."""
+    if tracking_uri:
+        return tracking_uri
+    if (root / "params.yaml").is_file() or not os.environ.get("MLFLOW_TRACKING_URI"):
+        return _settings(root)
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
+@registry_app.command("history")
+@_friendly
+def registry_history(
+    name: NameArg,
+    root: RootOpt = Path("."),
+    tracking_uri: TrackingOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """List versions, their gate decisions, and which version held champion when."""
+    from gist_core import registry
+
+    found = registry.history(_registry_store(root, tracking_uri), name)
+    if as_json:
+        typer.echo(json.dumps(found.to_dict(), indent=2))
+    else:
+        typer.echo("\n".join(found.lines()))
+
+
+@registry_app.command("encode")
+@_friendly
+def registry_encode(
+    name: NameArg,
+    texts: Annotated[list[str], typer.Argument(help="texts to embed")],
+    root: RootOpt = Path("."),
+    tracking_uri: TrackingOpt = None,
+    alias: Annotated[str, typer.Option(help="alias or version number to load")] = "champion",
+) -> None:
+    """Print embeddings of TEXTS from the champion (or --alias) as JSON."""
+    from gist_core import registry
+
+    typer.echo(json.dumps(registry.encode(_registry_store(root, tracking_uri), texts, name, alias)))
+
+
+@registry_app.command("rollback")
+@_friendly
+def registry_rollback(
+    name: NameArg,
+    root: RootOpt = Path("."),
+    tracking_uri: TrackingOpt = None,
+    reason: Annotated[str, typer.Option(help="why; recorded with the rollback")] = "",
+) -> None:
+    """Point champion back at the previous champion (recorded like any other decision)."""
+    from gist_core import registry
+
+    event = registry.rollback(_registry_store(root, tracking_uri), name, reason)
+    typer.echo(f"{name}: champion rolled back from version {event.previous} to {event.version} ({event.time})")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -8,8 +8,9 @@ Every model forbids unknown keys so a typo fails loudly instead of being ignored
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gist_core.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
+# The sections whose values change the trained model: their hash is the model's params lineage.
+MODEL_SECTIONS = ("base", "data", "train")
 
 
 class _Section(BaseModel):
@@ -41,11 +44,76 @@ class ClassificationSource(_Section):
     separator: str = Field(";", min_length=1, description="for format=lastsep: split each line on its last one")
 
 
+# MTEB's English classification tasks with a train split: what GISTEmbed mined triplets from.
+MTEB_CLASSIFICATION_DATASETS = (
+    "AmazonCounterfactualClassification",
+    "AmazonPolarityClassification",
+    "AmazonReviewsClassification",
+    "Banking77Classification",
+    "EmotionClassification",
+    "ImdbClassification",
+    "MassiveIntentClassification",
+    "MassiveScenarioClassification",
+    "MTOPDomainClassification",
+    "MTOPIntentClassification",
+    "ToxicConversationsClassification",
+    "TweetSentimentExtractionClassification",
+)
+
+
+class MiningSettings(_Section):
+    """How classification train splits become triplets (gist_core.mining)."""
+
+    positive_strategy: Literal["guide_topk", "random"] = Field(
+        "guide_topk", description="guide_topk: sampled from the guide's top-k same-label texts; random: uniform"
+    )
+    top_k: int = Field(100, ge=1)
+    temperature: float = Field(0.05, gt=0, description="softmax temperature over the top-k similarities")
+    max_texts_per_task: int | None = Field(
+        2000, ge=2, description="texts per task sampled (seeded) before embedding; None: all"
+    )
+    exclude: list[str] = Field(
+        default_factory=lambda: ["AmazonPolarityClassification"],
+        description="datasets never mined (MTEB names, 'Classification' suffix optional)",
+    )
+    max_seq_length: int = Field(128, ge=8, le=8192, description="the guide's token limit while mining")
+    batch_size: int = Field(64, ge=1)
+    cache_dir: str | None = Field(".cache/guide-embeddings", description="guide-embedding cache; None: no cache")
+
+
+class MediSettings(_Section):
+    """MEDI (the INSTRUCTOR training set) from a local file or a Hugging Face Hub dataset id."""
+
+    path: str = Field(min_length=1, description="a .json/.jsonl(.gz)/.parquet file, or a Hub dataset id")
+    format: Literal["auto", "json", "jsonl", "parquet"] = "auto"
+    keep_instructions: bool = Field(False, description="GIST trains without MEDI's instructions")
+    split: str = "train"
+    revision: str | None = None
+
+
+class ContaminationSettings(_Section):
+    tasks: list[str] | None = Field(None, description="local evaluation tasks to check; None: evaluate.tasks")
+    remove: bool = True
+
+
+class AuditSettings(_Section):
+    guide_verdicts: bool = Field(True, description="score kept triplets with the guide; flag sim(q,n) >= sim(q,p)")
+    examples: int = Field(5, ge=0, description="flagged rows shown in the Markdown report")
+
+
 class DataSettings(_Section):
-    classification: list[ClassificationSource] = Field(min_length=1)
+    classification: list[ClassificationSource] = Field(default_factory=list)
+    mining: MiningSettings = MiningSettings()
+    medi: MediSettings | None = None
+    contamination: ContaminationSettings = ContaminationSettings()
+    audit: AuditSettings = AuditSettings()
     max_per_task: int | None = Field(None, ge=1, description="cap on triplets per task (None: all)")
+    max_text_chars: int = Field(20_000, ge=1, description="longer texts are quarantined")
+    max_bad_fraction: float = Field(0.5, ge=0, le=1, description="fail when more of a file's rows are malformed")
+    mined: str = "data/prepared/mined"
     output: str = "data/prepared/triplets.parquet"
     report: str = "reports/data.json"
+    report_markdown: str = "reports/data.md"
     quarantine: str = "reports/quarantine.csv"
 
     @field_validator("classification")
@@ -56,6 +124,22 @@ class DataSettings(_Section):
         if dupes:
             raise ValueError(f"duplicate classification source names: {dupes}")
         return sources
+
+    @model_validator(mode="after")
+    def _sources_and_exclusions(self) -> DataSettings:
+        if not self.classification and self.medi is None:
+            raise ValueError("no training data: give data.classification sources, data.medi, or both")
+        known = {*MTEB_CLASSIFICATION_DATASETS, *(s.name for s in self.classification)}
+        unknown = [e for e in self.mining.exclude if e not in known and f"{e}Classification" not in known]
+        if unknown:
+            raise ValueError(
+                f"mining.exclude names unknown datasets {unknown}: not a data.classification source "
+                f"and not an MTEB classification dataset ({', '.join(MTEB_CLASSIFICATION_DATASETS)})"
+            )
+        return self
+
+    def is_excluded(self, name: str) -> bool:
+        return any(name in (e, f"{e}Classification") for e in self.mining.exclude)
 
 
 class TrainSettings(_Section):
@@ -70,15 +154,121 @@ class TrainSettings(_Section):
     batch_sampler: Literal["no_duplicates", "batch_sampler"] = "no_duplicates"
     task_homogeneous_batches: bool = True
     logging_steps: int = Field(5, ge=1)
+    # GIST false-negative masking (sentence-transformers' GISTEmbedLoss options).
+    margin_strategy: Literal["absolute", "relative"] = "absolute"
+    margin: float = Field(0.0, ge=0, le=1, description="mask candidates the guide scores above positive - margin")
+    contrast_anchors: bool = True
+    contrast_positives: bool = True
+    guide_cache: bool = Field(True, description="look the frozen guide's embeddings up instead of running it")
+    guide_cache_dir: str = "data/prepared/guide_cache"
+    mini_batch_size: int | None = Field(None, ge=1, description="GradCache mini-batch (None: no GradCache)")
+    save_steps: int | None = Field(50, ge=1, description="checkpoint every N steps for resuming (None: never)")
+    checkpoints_dir: str = "outputs/checkpoints"
+
+    @model_validator(mode="after")
+    def _mini_batch_fits(self) -> TrainSettings:
+        if self.mini_batch_size is not None and self.mini_batch_size > self.batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) is larger than batch_size ({self.batch_size}); "
+                "use null for no GradCache"
+            )
+        return self
+
+
+class _CustomTask(_Section):
+    """A user's evaluation task read from files (see README, *Evaluation*); named in evaluate.tasks."""
+
+    # The name becomes a result file name (<Task>.json) and MLflow metric keys.
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str = ""
+    languages: list[str] = Field(default_factory=lambda: ["eng-Latn"], min_length=1, description="ISO 639-3 + script")
+    license: str = "not specified"
+    citation: str = ""
+    main_score: str | None = Field(None, min_length=1, description="None: the type's usual main score")
+
+
+class CustomSTSTask(_CustomTask):
+    """Sentence pairs with a gold similarity score; scored by Spearman correlation of cosine similarities."""
+
+    type: Literal["STS"]
+    test: str = Field(min_length=1)
+    format: Literal["jsonl", "csv", "tsv"] = "jsonl"
+    sentence1_column: str = "sentence1"
+    sentence2_column: str = "sentence2"
+    score_column: str = "score"
+    min_score: float = 0.0
+    max_score: float = 5.0
+
+    @model_validator(mode="after")
+    def _score_range(self) -> CustomSTSTask:
+        if self.max_score <= self.min_score:
+            raise ValueError(f"max_score ({self.max_score}) must be greater than min_score ({self.min_score})")
+        return self
+
+
+class CustomClassificationTask(_CustomTask):
+    """Labelled texts; a logistic regression on a few embeddings per label from train, scored on test."""
+
+    type: Literal["Classification"]
+    train: str = Field(min_length=1)
+    test: str = Field(min_length=1)
+    format: Literal["csv", "tsv", "jsonl", "parquet", "lastsep"] = "csv"
+    text_column: str = "text"
+    label_column: str = "label"
+    separator: str = Field(";", min_length=1, description="for format=lastsep: split each line on its last one")
+    samples_per_label: int = Field(8, ge=1, description="train examples per label in each experiment (mteb's)")
+    n_experiments: int = Field(10, ge=1)
+
+
+class CustomRetrievalTask(_CustomTask):
+    """BEIR-format retrieval: corpus and queries as JSON lines, qrels as a TSV with a header."""
+
+    type: Literal["Retrieval"]
+    corpus: str = Field(min_length=1)
+    queries: str = Field(min_length=1)
+    qrels: str = Field(min_length=1)
+
+
+CustomTask = Annotated[CustomSTSTask | CustomClassificationTask | CustomRetrievalTask, Field(discriminator="type")]
 
 
 class EvaluateSettings(_Section):
+    # Each entry: a local task (gist_core.tasks.LOCAL_TASKS), the name of one of custom_tasks, or
+    # "mteb:<task or benchmark>" for mteb's official tasks from the Hugging Face Hub.
     tasks: list[str] = Field(default_factory=lambda: ["STSBenchmark", "Banking77Classification"], min_length=1)
+    custom_tasks: list[CustomTask] = Field(default_factory=list)
     data_dir: str = "data/raw"
     batch_size: int = Field(64, ge=1)
     max_seq_length: int | None = Field(None, ge=8, le=8192, description="None: each model's own")
+    progress_bar: bool = True
+    # bfloat16: forward passes under bf16 autocast; ~2.2x faster on CPUs with AMX (BENCHMARKS.md),
+    # scores within ~0.1 point of float32; cached apart from float32 results.
+    precision: Literal["float32", "bfloat16"] = "float32"
     cache_dir: str = ".cache/mteb"
     output: str = "reports/eval.json"
+
+    @model_validator(mode="after")
+    def _task_names_are_known(self) -> EvaluateSettings:
+        from gist_core.tasks import HUB_PREFIX, LOCAL_TASKS
+
+        custom = [t.name for t in self.custom_tasks]
+        dupes = sorted({n for n in custom if custom.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate custom_tasks names: {dupes}")
+        clash = sorted(set(custom) & set(LOCAL_TASKS))
+        if clash:
+            raise ValueError(f"custom_tasks names {clash} are local tasks already; choose other names")
+        dupes = sorted({n for n in self.tasks if self.tasks.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate tasks: {dupes}")
+        unknown = [t for t in self.tasks if not t.startswith(HUB_PREFIX) and t not in LOCAL_TASKS and t not in custom]
+        if unknown:
+            known = ", ".join([*LOCAL_TASKS, *custom])
+            raise ValueError(
+                f"unknown tasks {unknown}: not a local task, not in custom_tasks ({known}), "
+                f"and not '{HUB_PREFIX}<official task or benchmark>'"
+            )
+        return self
 
 
 class RegistrySettings(_Section):
@@ -86,13 +276,67 @@ class RegistrySettings(_Section):
     artifact_location: str = "mlartifacts"
     experiment: str = Field("gist", min_length=1)
     model_name: str = Field("gist-embedding", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    champion_dir: str = Field("outputs/champion", description="where the current champion is downloaded to")
+    retry_attempts: int = Field(4, ge=1, description="attempts per registry call while MLflow is unreachable")
+    retry_backoff_seconds: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt")
+    lock_timeout_seconds: float = Field(120.0, gt=0, description="wait for another promotion of the same model")
 
 
 class GateSettings(_Section):
     mode: Literal["enabled", "dry_run", "disabled"] = "enabled"
+    baseline: Literal["champion", "base"] = Field(
+        "champion", description="champion: the current champion when there is one, else the base student"
+    )
     min_mean_delta: float = Field(0.0, description="the mean of per-task deltas must be at least this")
+    min_category_delta: dict[str, float] = Field(
+        default_factory=dict, description="per MTEB task type (STS, Classification, ...): minimum mean delta"
+    )
     max_task_regression: float = Field(0.01, ge=0, description="no task may drop by more than this")
     required_tasks: list[str] = Field(default_factory=list)
+
+
+class OrchestrationSettings(_Section):
+    """How the Prefect flow runs the stages (launcher, fan-out, caching, schedule); not what they compute."""
+
+    train_launcher: Literal["none", "torchrun"] = Field(
+        "none", description="torchrun: the fine-tune task runs `torchrun --nproc_per_node N -m gist_core train`"
+    )
+    nproc_per_node: int | Literal["gpu", "auto"] = Field(
+        "gpu", description="torchrun processes per node: a number, gpu (one per GPU) or auto"
+    )
+    parallel_evaluation: bool = Field(False, description="one Prefect task per entry of evaluate.tasks")
+    cache_data_stage: bool = Field(
+        True, description="skip dvc repro + push when dvc.lock, the data params and the stage's inputs are unchanged"
+    )
+    schedule_cron: str = Field("0 3 * * 1", description="cron of the scheduled-retrain deployment")
+    schedule_timezone: str = Field("UTC", min_length=1)
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"nproc_per_node must be at least 1, got {value}")
+        return value
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        # Prefect parses the expression itself when the deployment is created; catch the common slips here.
+        fields = value.split()
+        if len(fields) != 5 or not all(re.fullmatch(r"[0-9A-Za-z*/,\-?]+", f) for f in fields):
+            raise ValueError(f"schedule_cron {value!r}: expected 5 cron fields, e.g. '0 3 * * 1'")
+        return value
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"schedule_timezone {value!r}: not an IANA time zone such as UTC") from None
+        return value
 
 
 class Settings(_Section):
@@ -104,12 +348,17 @@ class Settings(_Section):
     evaluate: EvaluateSettings = EvaluateSettings()
     registry: RegistrySettings = RegistrySettings()
     gate: GateSettings = GateSettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
     root: Path = Field(default=Path("."), exclude=True)
 
     @model_validator(mode="after")
     def _required_tasks_are_evaluated(self) -> Settings:
-        missing = [t for t in self.gate.required_tasks if t not in self.evaluate.tasks]
-        if missing:
+        from gist_core.tasks import HUB_PREFIX
+
+        named = {t.removeprefix(HUB_PREFIX) for t in self.evaluate.tasks}
+        missing = [t for t in self.gate.required_tasks if t not in named]
+        # A "mteb:<benchmark>" entry expands to task names only known to mteb: the gate checks those.
+        if missing and not any(t.startswith(HUB_PREFIX) for t in self.evaluate.tasks):
             raise ValueError(f"gate.required_tasks names tasks not in evaluate.tasks: {missing}")
         return self
 
@@ -134,6 +383,16 @@ class Settings(_Section):
         for section in sections:
             _flatten(dumped[section], section, out)
         return out
+
+    def params_hash(self, *sections: str) -> str:
+        """sha256 of the canonical JSON of the named sections (default: those that shape the model)."""
+        import hashlib
+        import json
+
+        dumped = self.model_dump(mode="json")
+        chosen = {s: dumped[s] for s in sections or MODEL_SECTIONS}
+        canonical = json.dumps(chosen, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gist_core import registry
+from gist_core import guide_cache, registry
 from gist_core.config import Settings
-from gist_core.data import DataReport, prepare_data, write_outputs
-from gist_core.errors import DataError, EvaluationError
-from gist_core.gate import GateDecision, decide
-from gist_core.models import fingerprint, load_sentence_transformer, resolve_model
-from gist_core.train import TrainResult, resolve_models, train
+from gist_core.data import DataReport, Mined, combine_stage, mine_stage
+from gist_core.errors import DataError, EvaluationError, RegistryError
+from gist_core.gate import GateDecision, Scorecard, choose_baseline, decide
+from gist_core.models import resolve_model
+from gist_core.train import TrainResult, is_main_process, train
 from gist_core.versioning import DataVersion, git_commit, version_data
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalOutput:
+    """What `gist evaluate` wrote to reports/eval.json: main scores per task, per model, and the summary.
+
+    ``baseline`` is the base student's scores (``baseline_name`` "base"); ``baselines`` holds every
+    baseline scored: "base" and, when a champion folder was given, "champion". ``summary`` is
+    ``gist_core.evaluate.summarize``'s (per task, per category, overall; deltas per baseline).
+    """
+
     candidate: dict[str, float]
     baseline: dict[str, float]
     baseline_name: str
@@ -33,6 +41,9 @@ class EvalOutput:
     task_revisions: dict[str, str]
     mteb_version: str
     path: str
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    categories: dict[str, str] = field(default_factory=dict)  # task -> MTEB type (STS, Classification, ...)
+    models: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> ref, cache name, content hash
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +81,9 @@ def preflight(settings: Settings) -> None:
     """Cheap checks before any work or any write: models resolve, input files exist."""
     models_dir = settings.path(settings.base.models_dir)
     resolve_model(settings.base.student, models_dir, settings.root)
-    if settings.train.loss == "gist":
+    data = settings.data
+    mines_with_guide = data.mining.positive_strategy == "guide_topk" or data.audit.guide_verdicts
+    if settings.train.loss == "gist" or mines_with_guide:
         resolve_model(settings.base.guide, models_dir, settings.root)
     for source in settings.data.classification:
         if not settings.path(source.path).is_file():
@@ -80,30 +93,44 @@ def preflight(settings: Settings) -> None:
             )
     from gist_core.tasks import build_tasks
 
-    build_tasks(settings.evaluate.tasks, settings.path(settings.evaluate.data_dir))
+    cfg = settings.evaluate
+    build_tasks(cfg.tasks, settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root)
 
 
-def run_data_stage(settings: Settings) -> DataReport:
-    """Build the triplets and write them, the report and the skipped rows (the DVC stage's command)."""
-    data, report, skipped = prepare_data(settings.data, settings.root, settings.base.seed)
-    write_outputs(
-        data,
-        report,
-        skipped,
-        settings.path(settings.data.output),
-        settings.path(settings.data.report),
-        settings.path(settings.data.quarantine),
-    )
-    return report
+def run_mine_stage(settings: Settings) -> Mined:
+    """Mine triplets from the classification sources into ``data.mined`` (the DVC `mine` stage's command)."""
+    return mine_stage(settings)
+
+
+def run_data_stage(settings: Settings, mine: bool = True) -> DataReport:
+    """Build the training triplets, the data report and the removed rows (the DVC `data` stage: ``mine=False``).
+
+    With ``mine`` the mining step runs first; without it, the mined triplets of the last `mine` run are used.
+    """
+    if mine:
+        mine_stage(settings)
+    return combine_stage(settings)
 
 
 def run_version_data(settings: Settings, push: bool = True) -> DataVersion:
-    """`dvc repro` the data stage, push it to the remote, and return the data version."""
-    return version_data(settings.root, settings.data.output, push=push)
+    """`dvc repro` the data stage, push it to the remote, and return the data version.
+
+    When training uses the guide-embedding cache, its DVC stage (``guide_cache``) is reproduced and pushed too.
+    """
+    data = version_data(settings.root, settings.data.output, push=push)
+    guide_cache.version_guide_cache(settings, push=push)
+    return data
+
+
+def run_guide_cache(settings: Settings) -> dict[str, Any]:
+    """Embed every training text with the frozen guide once (the DVC `guide_cache` stage's command)."""
+    return guide_cache.build_for_settings(settings)
 
 
 def run_train(settings: Settings, data: DataVersion | None, run_id: str | None) -> TrainResult:
-    """Fine-tune and log params and the loss curve to the run."""
+    """Fine-tune and log params and the loss curve to the run (from rank 0 only, under torchrun)."""
+    if not is_main_process():
+        run_id = None
     triplets = settings.path(data.path if data else settings.data.output)
     on_log = registry.metric_logger(settings, run_id) if run_id else None
     if run_id:
@@ -122,75 +149,190 @@ def run_train(settings: Settings, data: DataVersion | None, run_id: str | None) 
     return result
 
 
-def _model_identity(path_or_ref: Any) -> tuple[str, str]:
-    """(name, revision) for the result cache: the revision is a content hash of the weights."""
-    if path_or_ref.is_local:
-        return (f"gist-local/{Path(path_or_ref.location).name}", fingerprint(Path(path_or_ref.location)))
-    return (path_or_ref.location, "hub-" + path_or_ref.location.replace("/", "__"))
+def eval_report_paths(settings: Settings) -> dict[str, Path]:
+    """Where `gist evaluate` writes its outputs: the JSON (evaluate.output), a Markdown table, a PNG chart."""
+    path = settings.path(settings.evaluate.output)
+    return {
+        "json": path,
+        "markdown": path.with_suffix(".md"),
+        "chart": path.with_name(path.stem + "_deltas.png"),
+    }
 
 
-def run_evaluate(settings: Settings, candidate_dir: Path, run_id: str | None) -> EvalOutput:
-    """Score the base student and the candidate on the task pack; write scores and deltas."""
-    from gist_core.evaluate import evaluate_model, scores_to_metrics, summarize
-    from gist_core.models import ModelRef
+def run_evaluate(
+    settings: Settings, candidate_dir: Path, run_id: str | None, champion_dir: Path | None = None
+) -> EvalOutput:
+    """Score the base student, the champion (when its folder is given) and the candidate; write the comparison.
+
+    Each model's results come from the cache when its content hash, the task revisions and the
+    mteb version are unchanged, so the base model and the champion are scored once.
+    """
+    from gist_core.evaluate import (
+        plot_deltas,
+        score_model,
+        scores_to_metrics,
+        summarize,
+        summary_markdown,
+        summary_metrics,
+    )
+    from gist_core.models import ModelRef, ensure_available
     from gist_core.tasks import build_tasks
 
     cfg = settings.evaluate
-    cache_dir = settings.path(cfg.cache_dir)
-    tasks = build_tasks(cfg.tasks, settings.path(cfg.data_dir))
-    base_ref, _ = resolve_models(settings)
-    results = {}
-    for role, ref in (("base", base_ref), ("candidate", ModelRef("candidate", "path", str(candidate_dir)))):
-        name, revision = _model_identity(ref)
-        if role == "candidate":
-            name = f"gist-candidate/{settings.registry.model_name}"
-        if cfg.max_seq_length is not None:
-            revision += f"-len{cfg.max_seq_length}"  # cached results are keyed by (name, revision)
-        model = load_sentence_transformer(ref, cfg.max_seq_length)
-        results[role] = evaluate_model(
-            model,
-            model_name=name,
-            model_revision=revision,
-            tasks=tasks,
-            cache_dir=cache_dir,
+    tasks = build_tasks(cfg.tasks, settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root)
+    student = resolve_model(settings.base.student, settings.path(settings.base.models_dir), settings.root)
+    refs = {"base": ensure_available(student)}
+    if champion_dir is not None:
+        if not Path(champion_dir).is_dir():
+            raise EvaluationError(f"{champion_dir}: champion model folder not found")
+        refs["champion"] = ModelRef("champion", "path", str(champion_dir))
+    refs["candidate"] = ModelRef("candidate", "path", str(candidate_dir))
+    scored = {
+        role: score_model(
+            ref,
+            tasks,
+            cache_dir=settings.path(cfg.cache_dir),
             batch_size=cfg.batch_size,
+            max_seq_length=cfg.max_seq_length,
+            show_progress_bar=cfg.progress_bar,
+            precision=cfg.precision,
         )
-    candidate, baseline = results["candidate"], results["base"]
-    summary = summarize(candidate, baseline)
-    first = next(iter(candidate.values()))
+        for role, ref in refs.items()
+    }
+    candidate = scored["candidate"].scores
+    baselines = {role: s.scores for role, s in scored.items() if role != "candidate"}
+    summary = summarize(candidate, baselines)
     out = EvalOutput(
         candidate=scores_to_metrics(candidate),
-        baseline=scores_to_metrics(baseline),
+        baseline=scores_to_metrics(baselines["base"]),
         baseline_name="base",
         summary=summary,
         task_revisions={t: s.task_revision for t, s in candidate.items()},
-        mteb_version=first.mteb_version,
+        mteb_version=next(iter(candidate.values())).mteb_version,
         path=cfg.output,
+        baselines={role: scores_to_metrics(scores) for role, scores in baselines.items()},
+        categories={t: s.category for t, s in candidate.items()},
+        models={role: s.identity() for role, s in scored.items()},
     )
-    path = settings.path(cfg.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out.to_dict(), indent=2, sort_keys=True) + "\n")
+    paths = eval_report_paths(settings)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    paths["json"].write_text(json.dumps(out.to_dict(), indent=2, sort_keys=True) + "\n")
+    markdown = summary_markdown(summary, title=f"Evaluation of {settings.registry.model_name} candidate")
+    paths["markdown"].write_text(markdown)
+    plot_deltas(summary, paths["chart"])
     if run_id:
-        metrics = {f"eval/{t}": v for t, v in out.candidate.items()}
-        metrics |= {f"base/{t}": v for t, v in out.baseline.items()}
-        metrics |= {f"delta/{t}": out.candidate[t] - out.baseline[t] for t in out.candidate if t in out.baseline}
-        registry.log_metrics(settings, run_id, metrics)
+        registry.log_metrics(settings, run_id, summary_metrics(summary))
         registry.log_artifact_dict(settings, run_id, summary, "evaluation/summary.json")
+        registry.log_artifact_text(settings, run_id, markdown, "evaluation/summary.md")
+        registry.log_artifact_file(settings, run_id, paths["chart"], "evaluation/deltas.png")
     return out
 
 
-def _description(settings: Settings, data: DataVersion, evaluation: EvalOutput, decision: GateDecision) -> str:
+def run_fetch_champion(settings: Settings) -> Path | None:
+    """Download the current champion into ``registry.champion_dir`` so ``run_evaluate`` can score it.
+
+    Returns the folder to pass as ``run_evaluate(..., champion_dir=...)``, or None when there is no
+    champion or the gate compares with the base model only. Beside the folder, ``<folder>.json``
+    records the version and the content hash of what was downloaded, so ``run_register`` can tell
+    which registered version the evaluation's "champion" scores belong to.
+    """
+    from gist_core.models import fingerprint
+
+    dest = settings.path(settings.registry.champion_dir)
+    marker = _champion_marker(dest)
+    record = registry.current_champion(settings) if settings.gate.baseline == "champion" else None
+    if record is None:
+        shutil.rmtree(dest, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+        return None
+    registry.download_version(settings, record.version, dest, record.name)
+    marker.write_text(
+        json.dumps({"name": record.name, "version": record.version, "revision": fingerprint(dest)}, indent=2) + "\n"
+    )
+    return dest
+
+
+def _champion_marker(champion_dir: Path) -> Path:
+    return champion_dir.with_name(champion_dir.name + ".json")
+
+
+def _scored_champion_version(settings: Settings, evaluation: EvalOutput) -> str | None:
+    """The registered version whose files the evaluation scored as "champion" (None: unknown)."""
+    scored = (getattr(evaluation, "models", None) or {}).get("champion") or {}
+    try:
+        marker = json.loads(_champion_marker(settings.path(settings.registry.champion_dir)).read_text())
+    except (OSError, ValueError):
+        return None
+    revision = str(scored.get("revision", ""))
+    # the cache revision is the content hash, plus "-len<N>" when max_seq_length is overridden
+    if marker.get("revision") and revision.split("-len")[0] == marker["revision"]:
+        return str(marker.get("version"))
+    return None
+
+
+def _candidate_scorecard(settings: Settings, evaluation: EvalOutput) -> Scorecard:
+    """The candidate's scores and what they were computed with; a configured task left unscored failed."""
+    from gist_core.tasks import HUB_PREFIX
+
+    unscored = [t for t in settings.evaluate.tasks if not t.startswith(HUB_PREFIX) and t not in evaluation.candidate]
+    return Scorecard(
+        "candidate",
+        evaluation.candidate,
+        task_revisions=evaluation.task_revisions,
+        mteb_version=evaluation.mteb_version,
+        failed_tasks=tuple(unscored),
+    )
+
+
+def gate_decision(settings: Settings, evaluation: EvalOutput, champion: registry.VersionRecord | None) -> GateDecision:
+    """The gate's decision for an evaluation, against ``champion`` when there is one (else the base model).
+
+    The champion's scores are the ones this evaluation computed when it scored that very version
+    (see ``run_fetch_champion``), else the scores recorded on the version at its registration;
+    the ``comparable`` rule then checks its recorded task revisions and mteb version.
+    """
+    candidate = _candidate_scorecard(settings, evaluation)
+    baselines = getattr(evaluation, "baselines", None) or {}
+    base = Scorecard(
+        "base", baselines.get("base") or evaluation.baseline, evaluation.task_revisions, evaluation.mteb_version
+    )
+    champ = None
+    if champion is not None:
+        if "champion" in baselines and _scored_champion_version(settings, evaluation) == champion.version:
+            champ = Scorecard(
+                "champion",
+                baselines["champion"],
+                evaluation.task_revisions,
+                evaluation.mteb_version,
+                version=champion.version,
+            )
+        else:
+            champ = registry.champion_scorecard(settings, champion)
+    categories = dict(champion.categories if champion else {})
+    categories |= getattr(evaluation, "categories", None) or {
+        t: row.get("category") for t, row in evaluation.summary.get("tasks", {}).items() if row.get("category")
+    }
+    baseline = choose_baseline(base, champ, settings.gate)
+    return decide(candidate, baseline, settings.gate, categories=categories)
+
+
+def _description(
+    settings: Settings, data: DataVersion, evaluation: EvalOutput, decision: GateDecision, commit: str
+) -> str:
+    baselines = getattr(evaluation, "baselines", None) or {"base": evaluation.baseline}
+    names = list(baselines)
     lines = [
         f"GISTEmbed fine-tune of {settings.base.student} guided by {settings.base.guide} "
-        f"({settings.train.loss} loss, {settings.train.max_steps} steps, batch {settings.train.batch_size}).",
+        f"({settings.train.loss} loss, {settings.train.max_steps} steps, batch {settings.train.batch_size}, "
+        f"lr {settings.train.learning_rate}).",
         f"Data: {data.path} md5 {data.md5} ({', '.join(s.name for s in settings.data.classification)}).",
-        "Scores (candidate / base / delta):",
+        f"Params hash (base, data, train): {settings.params_hash()}; git commit {commit}.",
+        f"Evaluated with mteb {evaluation.mteb_version}. Scores (candidate / {' / '.join(names)}):",
     ]
     for task, score in evaluation.candidate.items():
-        base = evaluation.baseline.get(task)
-        delta = f"{score - base:+.4f}" if base is not None else "n/a"
-        lines.append(f"- {task}: {score:.4f} / {base if base is None else f'{base:.4f}'} / {delta}")
-    lines.append(decision.summary())
+        others = " / ".join(f"{baselines[n][task]:.4f}" if task in baselines[n] else "n/a" for n in names)
+        lines.append(f"- {task}: {score:.4f} / {others}")
+    lines.append(f"Gate at registration: {decision.summary()}")
     return "\n".join(lines)
 
 
@@ -201,28 +343,55 @@ def run_register(
     evaluation: EvalOutput,
     data: DataVersion,
 ) -> tuple[registry.RegisteredVersion, GateDecision]:
-    """Decide with the gate, register the candidate with lineage tags, and apply the decision."""
-    decision = decide(evaluation.candidate, evaluation.baseline, settings.gate, evaluation.baseline_name)
+    """Decide with the gate, register the candidate with lineage tags, and apply the decision.
+
+    The decision is made against the current champion (or the base model); the version is created
+    with its lineage and scores in one call; ``registry.promote`` then moves the aliases as a
+    compare-and-set, deciding again if the champion moved meanwhile. Returns the final decision.
+    """
+    champion = registry.current_champion(settings)
+    decision = gate_decision(settings, evaluation, champion)
+    commit = git_commit(settings.root)
+    categories = getattr(evaluation, "categories", None) or {}
     tags = {
         "data_version": data.md5,
         "data_path": data.path,
-        "git_commit": git_commit(settings.root),
+        "git_commit": commit,
+        "params_hash": settings.params_hash(),
         "student": settings.base.student,
         "guide": settings.base.guide,
         "loss": settings.train.loss,
         "mteb_version": evaluation.mteb_version,
         "task_revisions": json.dumps(evaluation.task_revisions, sort_keys=True),
-        "gate.verdict": decision.verdict,
+        "scores": json.dumps(evaluation.candidate, sort_keys=True),
+        "categories": json.dumps(categories, sort_keys=True),
     }
     registry.set_tags(settings, run_id, tags)
-    registry.log_artifact_dict(settings, run_id, decision.to_dict(), "gate/decision.json")
-    registry.log_metrics(settings, run_id, {"gate/passed": float(decision.passed)})
     version = registry.register_model(
-        settings, run_id, candidate_dir, tags, _description(settings, data, evaluation, decision)
+        settings, run_id, candidate_dir, tags, _description(settings, data, evaluation, decision, commit)
     )
     try:
-        version = registry.apply_decision(settings, version, decision)
+        promotion = registry.promote(
+            settings,
+            version,
+            decision,
+            expected_champion=champion.version if champion else None,
+            redecide=lambda record: gate_decision(settings, evaluation, record),
+        )
     except Exception:
-        registry.discard_version(settings, version)
+        _discard_unless_champion(settings, version)
         raise
-    return version, decision
+    decision = promotion.decision
+    registry.set_tags(settings, run_id, {"gate.verdict": decision.verdict})
+    registry.log_metrics(settings, run_id, {"gate/passed": float(decision.passed)})
+    return promotion.version, decision
+
+
+def _discard_unless_champion(settings: Settings, version: registry.RegisteredVersion) -> None:
+    """After a failed promotion: delete the version, unless it already became champion."""
+    try:
+        if registry.champion_version(settings, version.name) == version.version:
+            return  # promoted before the failure: keep it (its audit trail may be incomplete)
+    except RegistryError:
+        return  # MLflow is down: the version stays, tagged gist.promotion=pending
+    registry.discard_version(settings, version)

@@ -1,19 +1,34 @@
 """Training entry: settings + prepared triplets in, a sentence-transformers checkpoint folder out.
 
-Uses sentence-transformers' own trainer, GISTEmbedLoss and NO_DUPLICATES batch sampler. With
+Uses sentence-transformers' own trainer, GIST losses (``gist_core.loss``) and batch samplers. With
 ``task_homogeneous_batches`` the triplets are split into one dataset per ``task_name`` and the
-trainer's multi-dataset sampler draws each batch from a single task, as the GISTEmbed code does.
+trainer's multi-dataset sampler draws each batch from a single task, as the GISTEmbed code does;
+``NO_DUPLICATES`` keeps any text from appearing twice in a batch.
+
+A run is robust to being stopped: every ``train.save_steps`` steps it checkpoints into
+``train.checkpoints_dir/<run key>``, where the key hashes the settings that decide the result and the
+data version. Started again with the same settings and data, it resumes from the last complete
+checkpoint and ends where an uninterrupted run would; the checkpoints are removed once the final
+model is saved.
+
+Under ``torchrun`` / ``accelerate launch`` it trains with DDP (gloo on CPU), gathers in-batch
+candidates across processes, keeps the gathered batch to one task with no duplicates
+(``gist_core.batching``), and only rank 0 saves the model, writes metrics and reports to ``on_log``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,15 +37,21 @@ import numpy as np
 
 from gist_core.config import Settings
 from gist_core.data import load_triplets
+from gist_core.guide_cache import file_md5, load_or_build_guide_cache
 from gist_core.models import ModelRef, ensure_available, load_sentence_transformer, resolve_model
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
 TRAIN_METRICS_FILE = "train_metrics.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+# Settings that change neither the trained weights nor the batches: a run may resume across them.
+NOT_IN_RUN_KEY = frozenset({"output_dir", "logging_steps", "save_steps", "checkpoints_dir", "guide_cache_dir"})
 
 
 @dataclass
@@ -41,6 +62,11 @@ class TrainResult:
     seconds: float
     examples: int
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: str | None = None
+    world_size: int = 1
+    loss: str = ""
+    guide: str = "none"  # model | cache | none
+    gather_across_devices: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -48,12 +74,27 @@ class TrainResult:
         return out
 
 
+def world_size() -> int:
+    """Processes in this training run (torchrun / accelerate set WORLD_SIZE); 1 when not distributed."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0, the process that saves the model and talks to MLflow (True when not distributed)."""
+    return process_rank() == 0
+
+
 def pick_device() -> str:
-    """CUDA, then Apple MPS, then CPU."""
+    """CUDA (this process's GPU under torchrun), then Apple MPS, then CPU."""
     import torch
 
     if torch.cuda.is_available():
-        return "cuda"
+        local_rank = os.environ.get("LOCAL_RANK")
+        return f"cuda:{local_rank}" if local_rank is not None and world_size() > 1 else "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
@@ -91,102 +132,258 @@ def build_train_dataset(triplets_path: Path, task_homogeneous: bool) -> Any:
     )
 
 
-def build_loss(settings: Settings, student: SentenceTransformer, guide: SentenceTransformer | None) -> Any:
-    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MultipleNegativesRankingLoss
-
-    cfg = settings.train
-    if cfg.loss == "gist":
-        if guide is None:
-            raise ValueError("the gist loss needs a guide model")
-        return GISTEmbedLoss(student, guide, temperature=cfg.temperature)
-    return MultipleNegativesRankingLoss(student, scale=1.0 / cfg.temperature)
-
-
-def _make_callback(on_log: LogFn | None, history: list[dict[str, float]]) -> Any:
-    from transformers import TrainerCallback
-
-    class _LogCallback(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)}
-            if not numeric:
-                return
-            history.append({"step": float(state.global_step), **numeric})
-            if on_log is not None:
-                on_log(numeric, int(state.global_step))
-
-    return _LogCallback()
+def run_key(settings: Settings, data_md5: str, processes: int) -> str:
+    """A hash of what decides a run's result: model and train settings, data version, process count."""
+    cfg = settings.train.model_dump(mode="json")
+    payload = {
+        "base": {"seed": settings.base.seed, "student": settings.base.student, "guide": settings.base.guide},
+        "train": {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_KEY},
+        "data_md5": data_md5,
+        "world_size": processes,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train(settings: Settings, triplets_path: Path, on_log: LogFn | None = None) -> TrainResult:
-    """Fine-tune the student on the triplets and save it to ``train.output_dir``."""
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
-
-    cfg = settings.train
-    set_seed(settings.base.seed)
-    device = pick_device()
-    student_ref, guide_ref = resolve_models(settings)
-    train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches)
-    student = load_sentence_transformer(student_ref, None, device)
-    native_max_seq_length = student.max_seq_length
-    student.max_seq_length = cfg.max_seq_length
-    guide = load_sentence_transformer(guide_ref, cfg.max_seq_length, device) if cfg.loss == "gist" else None
-    loss = build_loss(settings, student, guide)
-
-    output_dir = settings.path(cfg.output_dir)
-    history: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory(prefix="gist-train-") as scratch:
-        args = SentenceTransformerTrainingArguments(
-            output_dir=scratch,
-            max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-            batch_sampler=BatchSamplers(cfg.batch_sampler),
-            multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
-            seed=settings.base.seed,
-            data_seed=settings.base.seed,
-            logging_steps=cfg.logging_steps,
-            save_strategy="no",
-            report_to="none",
-            bf16=device == "cuda" and _cuda_bf16(),
-            use_cpu=device == "cpu",
-        )
-        trainer = SentenceTransformerTrainer(
-            model=student,
-            args=args,
-            train_dataset=train_dataset,
-            loss=loss,
-            callbacks=[_make_callback(on_log, history)],
-        )
-        started = time.perf_counter()
-        output = trainer.train()
-        seconds = time.perf_counter() - started
-
-    staged = output_dir.with_name(output_dir.name + ".partial")
-    if staged.exists():
-        shutil.rmtree(staged)
-    # The checkpoint keeps the student's own max_seq_length: the training length is a speed setting,
-    # and evaluation compares base and candidate under the same, published-comparable length.
-    student.max_seq_length = native_max_seq_length
-    student.save(str(staged))
-    result = TrainResult(
-        output_dir=output_dir,
-        steps=int(output.global_step),
-        train_loss=float(output.training_loss),
-        seconds=seconds,
-        examples=int(output.global_step) * cfg.batch_size,
-        history=history,
+def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder; newer incomplete ones (a kill mid-save) are skipped."""
+    if not run_dir.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name))),
+        reverse=True,
     )
-    (staged / TRAIN_METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staged.rename(output_dir)  # a checkpoint folder is either complete or absent
-    log.info("trained %d steps in %.1f s (loss %.4f) -> %s", result.steps, seconds, result.train_loss, output_dir)
-    return result
+    for _, path in found:
+        if (path / TRAINER_STATE_FILE).is_file():
+            return path
+        log.warning("ignoring incomplete checkpoint %s", path)
+        if remove_incomplete:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def _cuda_bf16() -> bool:
     import torch
 
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def training_arguments(settings: Settings, output_dir: Path, device: str, processes: int) -> Any:
+    """The trainer's arguments: schedule, samplers, checkpointing, precision and DDP backend."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+
+    from gist_core.batching import GroupedProportionalFactory, SplitBatchSamplerFactory
+
+    cfg = settings.train
+    if processes > 1:
+        # Every process takes one part of the same task's duplicate-free batch (gist_core.batching).
+        batch_sampler: Any = SplitBatchSamplerFactory(cfg.batch_sampler, processes)
+        multi_sampler: Any = GroupedProportionalFactory(processes)
+    else:
+        batch_sampler = BatchSamplers(cfg.batch_sampler)
+        multi_sampler = MultiDatasetBatchSamplers.PROPORTIONAL
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        batch_sampler=batch_sampler,
+        multi_dataset_batch_sampler=multi_sampler,
+        seed=settings.base.seed,
+        data_seed=settings.base.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,  # the newest may be incomplete if the run is killed while saving
+        report_to="none",
+        bf16=device.startswith("cuda") and _cuda_bf16(),
+        use_cpu=device == "cpu",
+        ddp_backend="gloo" if processes > 1 and device == "cpu" else None,
+        # Gathering across processes needs equal batch sizes on every process.
+        dataloader_drop_last=processes > 1,
+    )
+
+
+class _TrainingMonitor:
+    """Adds the guide-masked fraction and examples/s to each training log and reports it (rank 0)."""
+
+    def __init__(self, loss: nn.Module, examples_per_step: int, on_log: LogFn | None) -> None:
+        from gist_core.loss import mask_stats
+
+        self.stats = mask_stats(loss)
+        self.examples_per_step = examples_per_step
+        self.on_log = on_log
+        self.extras: dict[int, dict[str, float]] = {}
+        self._since = (0, time.perf_counter())
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        monitor = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                monitor._since = (state.global_step, time.perf_counter())
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+                monitor.record(state, logs or {})
+
+        return _Callback()
+
+    def record(self, state: Any, logs: dict[str, Any]) -> None:
+        numeric = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+        if "loss" in numeric:  # a training-step log (not the end-of-training summary)
+            step, since = self._since
+            now = time.perf_counter()
+            if state.global_step > step:
+                numeric["examples_per_second"] = (state.global_step - step) * self.examples_per_step / (now - since)
+            self._since = (state.global_step, now)
+            if self.stats is not None:
+                fraction = self.stats.pop_masked_fraction(reduce_across_processes=True)  # every rank calls it
+                if fraction is not None:
+                    numeric["guide_masked_fraction"] = fraction
+            self.extras[int(state.global_step)] = {
+                k: v for k, v in numeric.items() if k in ("examples_per_second", "guide_masked_fraction")
+            }
+        if numeric and state.is_world_process_zero and self.on_log is not None:
+            self.on_log(numeric, int(state.global_step))
+
+    def history(self, log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+        """The trainer's log history (restored on resume) with this monitor's numbers merged in."""
+        out = []
+        for entry in log_history:
+            numeric = {k: float(v) for k, v in entry.items() if isinstance(v, int | float)}
+            step = int(numeric.get("step", 0))
+            out.append({**numeric, **(self.extras.get(step, {}) if "loss" in numeric else {})})
+        return out
+
+
+def mean_train_loss(log_history: list[dict[str, Any]]) -> float:
+    """The mean loss over all steps, from the logged per-interval means (complete across a resume)."""
+    total, last_step = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += float(entry["loss"]) * (int(entry["step"]) - last_step)
+            last_step = int(entry["step"])
+    return total / last_step if last_step else float("nan")
+
+
+@contextmanager
+def _run_folder(settings: Settings, key: str) -> Iterator[Path]:
+    """The persistent checkpoint folder of this run, or a scratch folder when checkpoints are off."""
+    if settings.train.save_steps:
+        yield settings.path(settings.train.checkpoints_dir) / key
+        return
+    with tempfile.TemporaryDirectory(prefix="gist-train-") as scratch:
+        yield Path(scratch)
+
+
+def load_guide(
+    settings: Settings, triplets_path: Path, student: SentenceTransformer, guide_ref: ModelRef, device: str, args: Any
+) -> tuple[Any, str]:
+    """The guide the loss uses: a guide-embedding cache (built once if needed) or the frozen model itself."""
+    from gist_core.loss import GuideEmbeddingCache
+
+    cfg = settings.train
+    if cfg.guide_cache:
+        with args.main_process_first(local=False, desc="guide-embedding cache"):  # rank 0 builds, others read
+            cached, manifest = load_or_build_guide_cache(
+                settings.path(cfg.guide_cache_dir), triplets_path, student, guide_ref, device
+            )
+        description = {"guide": guide_ref.ref, "data_md5": manifest["identity"]["data_md5"]}
+        cache = GuideEmbeddingCache(student, cached.keys, cached.embeddings, student.max_seq_length, description)
+        return cache, "cache"
+    guide = load_sentence_transformer(guide_ref, cfg.max_seq_length, device)
+    # A frozen guide: eval mode (no dropout) and no gradients, whatever state the loader left it in.
+    guide.eval()
+    guide.requires_grad_(False)
+    return guide, "model"
+
+
+def train(
+    settings: Settings,
+    triplets_path: Path,
+    on_log: LogFn | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Fine-tune the student on the triplets and save it to ``train.output_dir`` (rank 0).
+
+    ``on_log(values, step)`` receives every training log on rank 0: loss, learning rate, grad norm,
+    the fraction of in-batch candidates the guide masked, examples/s. ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects.
+    """
+    from sentence_transformers import SentenceTransformerTrainer
+
+    from gist_core.loss import build_loss
+
+    cfg = settings.train
+    processes = world_size()
+    set_seed(settings.base.seed)
+    device = pick_device()
+    student_ref, guide_ref = resolve_models(settings)
+    train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches)
+    data_md5 = file_md5(triplets_path)
+    student = load_sentence_transformer(student_ref, None, device)
+    native_max_seq_length = student.max_seq_length
+    student.max_seq_length = cfg.max_seq_length
+
+    with _run_folder(settings, run_key(settings, data_md5, processes)) as run_dir:
+        args = training_arguments(settings, run_dir, device, processes)
+        guide, guide_kind = (None, "none")
+        if cfg.loss == "gist":
+            guide, guide_kind = load_guide(settings, triplets_path, student, guide_ref, device, args)
+        loss = build_loss(cfg, student, guide, gather_across_devices=processes > 1)
+        monitor = _TrainingMonitor(loss, cfg.batch_size * processes, on_log)
+        trainer = SentenceTransformerTrainer(
+            model=student,
+            args=args,
+            train_dataset=train_dataset,
+            loss=loss,
+            callbacks=[monitor.callback(), *callbacks],
+        )
+        resume = last_checkpoint(run_dir, remove_incomplete=trainer.is_world_process_zero()) if cfg.save_steps else None
+        if resume is not None:
+            log.info("resuming from %s", resume)
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.perf_counter() - started
+        trainer.accelerator.wait_for_everyone()  # every rank is done with the checkpoints before rank 0 removes them
+        log_history = list(trainer.state.log_history)
+
+        output_dir = settings.path(cfg.output_dir)
+        result = TrainResult(
+            output_dir=output_dir,
+            steps=int(output.global_step),
+            train_loss=mean_train_loss(log_history),
+            seconds=seconds,
+            examples=int(output.global_step) * cfg.batch_size * processes,
+            history=monitor.history(log_history),
+            resumed_from=str(resume) if resume else None,
+            world_size=processes,
+            loss=type(loss).__name__,
+            guide=guide_kind,
+            gather_across_devices=bool(getattr(loss, "gather_across_devices", False)),
+        )
+        if not trainer.is_world_process_zero():
+            return result
+        # The checkpoint keeps the student's own max_seq_length: the training length is a speed setting,
+        # and evaluation compares base and candidate under the same, published-comparable length.
+        student.max_seq_length = native_max_seq_length
+        _save_atomically(student, result, output_dir)
+        if cfg.save_steps:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the final model is saved: nothing left to resume
+    log.info("trained %d steps in %.1f s (loss %.4f) -> %s", result.steps, seconds, result.train_loss, output_dir)
+    return result
+
+
+def _save_atomically(student: SentenceTransformer, result: TrainResult, output_dir: Path) -> None:
+    """Save the model and its metrics; the folder is either complete or absent."""
+    staged = output_dir.with_name(output_dir.name + ".partial")
+    if staged.exists():
+        shutil.rmtree(staged)
+    student.save(str(staged))
+    (staged / TRAIN_METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staged.rename(output_dir)

@@ -86,7 +86,8 @@ def version_data(root: Path, out_path: str, stage: str = DATA_STAGE, push: bool 
     if push:
         if remote is None:
             raise VersioningError(f"{root}: no default DVC remote; add one with `dvc remote add -d NAME URL`")
-        run_dvc(root, "push", stage)
+        # --with-deps: the upstream stages' outputs too (the mined triplets of the `mine` stage)
+        run_dvc(root, "push", "--with-deps", stage)
     return DataVersion(stage, out_path, lock_md5(root, stage, out_path), remote)
 
 

@@ -88,6 +88,7 @@ def tiny_params(models_dir: Path, tmp: Path) -> dict:
     params["base"]["models_dir"] = str(models_dir)
     params["base"]["guide"] = "all-MiniLM-L6-v2"  # same vocabulary: no re-tokenising, fast
     params["data"]["max_per_task"] = 100
+    params["data"]["mining"]["max_texts_per_task"] = 300  # guide-mine a few hundred texts per task
     params["train"].update({"max_steps": 3, "batch_size": 16, "logging_steps": 1})
     params["evaluate"].update({"tasks": ["STSBenchmark"], "cache_dir": str(tmp / "mteb-cache")})
     params["gate"]["required_tasks"] = ["STSBenchmark"]

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from gist_core.config import settings_from_dict
-from gist_core.data import DataSettings, prepare_data, write_outputs
 from gist_core.errors import ModelError
 from gist_core.train import TRAIN_METRICS_FILE, build_train_dataset, train
+from tests.model.test_train_triplets import write_triplets
 
 pytestmark = pytest.mark.slow
 
@@ -19,21 +19,13 @@ pytestmark = pytest.mark.slow
 def _settings(repo_root: Path, tmp: Path, student: str, guide: str, **train_kw):
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     raw["base"].update({"student": student, "guide": guide})
-    raw["data"]["max_per_task"] = 40
     raw["train"].update({"max_steps": 2, "batch_size": 8, "logging_steps": 1, **train_kw})
-    for source in raw["data"]["classification"]:
-        source["path"] = str(repo_root / source["path"])
     return settings_from_dict(raw, tmp)
 
 
 @pytest.fixture
 def triplets(repo_root: Path, tmp_path: Path) -> Path:
-    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    data_settings = DataSettings(**{**raw["data"], "max_per_task": 40})
-    data, report, skipped = prepare_data(data_settings, repo_root, seed=1)
-    out = tmp_path / "triplets.parquet"
-    write_outputs(data, report, skipped, out, tmp_path / "r.json", tmp_path / "q.csv")
-    return out
+    return write_triplets(repo_root, tmp_path / "triplets.parquet", per_task=40, seed=1)
 
 
 def test_task_homogeneous_dataset_split(triplets: Path) -> None:

@@ -41,6 +41,10 @@ def test_bad_value_names_key(repo_root: Path, tmp_path: Path) -> None:
 def test_data_command_writes_outputs(repo_root: Path, tmp_path: Path) -> None:
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     raw["data"]["max_per_task"] = 20
+    # no guide model in this temp project: random same-label positives, no guide verdicts
+    raw["data"]["mining"]["positive_strategy"] = "random"
+    raw["data"]["audit"]["guide_verdicts"] = False
+    raw["evaluate"]["data_dir"] = str(repo_root / "data" / "raw")
     for source in raw["data"]["classification"]:
         source["path"] = str(repo_root / source["path"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

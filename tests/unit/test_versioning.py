@@ -25,7 +25,7 @@ def test_version_data_repro_push_and_noop(project: Path) -> None:
     assert first.remote and first.remote.startswith("local ")
     remote = project.parent / "proj-remote"
     assert any(p.is_file() for p in remote.rglob("*")), "push left the remote empty"
-    status = run([sys.executable, "-m", "dvc", "status"], project).stdout
+    status = run([sys.executable, "-m", "dvc", "status", "data"], project).stdout
     assert "up to date" in status.lower()
     # nothing changed: same version, and DVC reports the stage unchanged
     again = version_data(project, "data/prepared/triplets.parquet")

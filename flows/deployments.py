@@ -1,0 +1,181 @@
+"""The pipeline's deployments, served from this checkout: what ``gist serve`` runs.
+
+Two deployments of the ``gist-pipeline`` flow:
+- ``gist-pipeline/on-demand``: started from the Prefect UI's Run button (or ``run_deployment``),
+  with the typed parameters of ``flows.parameters.PipelineParameters``;
+- ``gist-pipeline/scheduled-retrain``: on ``orchestration.schedule_cron``, reruns the pipeline on
+  the checkout's current data version with params.yaml as is; the gate decides on promotion.
+
+Both run in this process's machine, one run at a time (the runs share the checkout's outputs).
+``infra/prefect.yaml`` declares the same two deployments for work pools (process, Kubernetes GPU).
+A local Prefect server is started when PREFECT_API_URL is unset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gist_core.config import Settings
+from gist_core.errors import GistError
+
+log = logging.getLogger(__name__)
+
+FLOW_NAME = "gist-pipeline"
+ON_DEMAND = "on-demand"
+SCHEDULED = "scheduled-retrain"
+TAGS = ["gist"]
+
+
+def build_deployments(settings: Settings, schedule: bool = True) -> list[Any]:
+    """RunnerDeployments for this checkout: on-demand, and scheduled-retrain unless ``schedule`` is False."""
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.pipeline import gist_pipeline
+
+    root = str(settings.root.resolve())
+    common: dict[str, Any] = {
+        "parameters": {"root": root},
+        "tags": TAGS,
+        # `flows` is an installed package: the served runs import it wherever they start.
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+    }
+    deployments = [
+        gist_pipeline.to_deployment(
+            name=ON_DEMAND,
+            description=f"Fine-tune, evaluate and gate on {root}; parameters override params.yaml for one run.",
+            **common,
+        )
+    ]
+    if schedule:
+        cfg = settings.orchestration
+        deployments.append(
+            gist_pipeline.to_deployment(
+                name=SCHEDULED,
+                description=f"Retrain on the current data version of {root} ({cfg.schedule_cron} "
+                f"{cfg.schedule_timezone}); the promotion gate decides.",
+                schedules=[Cron(cfg.schedule_cron, timezone=cfg.schedule_timezone)],
+                **common,
+            )
+        )
+    return deployments
+
+
+@dataclass
+class LocalServer:
+    """A `prefect server start` child process in its own process group."""
+
+    process: subprocess.Popen
+    api_url: str
+
+    @property
+    def ui_url(self) -> str:
+        return self.api_url.removesuffix("/api")
+
+    def stop(self, timeout: float = 20) -> None:
+        stop_process_group(self.process, timeout)
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM the child's process group, then SIGKILL what is left after ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll ``<api>/health`` until it answers 200; raise with the reason when it does not in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise GistError(f"the Prefect server exited with status {process.returncode} before it was healthy")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise GistError(f"the Prefect API at {api_url} was not healthy after {timeout:.0f} s")
+
+
+def start_local_server(
+    port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None, log_file: Path | None = None
+) -> LocalServer:
+    """Start `prefect server start` (its own process group) and wait until its API is healthy."""
+    environment = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
+    environment.pop("PREFECT_API_URL", None)
+    out = log_file.open("ab") if log_file else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+        env=environment,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = LocalServer(process, f"http://{host}:{port}/api")
+    try:
+        wait_healthy(server.api_url, timeout=120, process=process)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextmanager
+def prefect_api(port: int) -> Iterator[str]:
+    """The Prefect API to serve against: PREFECT_API_URL when set, else a local server for the block."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    server = start_local_server(port)
+    os.environ["PREFECT_API_URL"] = server.api_url  # the runner's flow-run processes inherit it
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def ui_url(api_url: str) -> str:
+    from prefect.settings import PREFECT_UI_URL
+
+    return PREFECT_UI_URL.value() or api_url.rstrip("/").removesuffix("/api")
+
+
+def serve_pipeline(settings: Settings, port: int = 4200, schedule: bool = True, echo: Any = print) -> None:
+    """Serve the deployments until interrupted (Ctrl-C), against PREFECT_API_URL or a local server."""
+    from prefect import serve
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
+    with prefect_api(port) as api_url:
+        deployments = build_deployments(settings, schedule=schedule)
+        echo(f"Prefect UI: {ui_url(api_url)}")
+        for deployment in deployments:
+            echo(f"  deployment {FLOW_NAME}/{deployment.name}")
+        example = json.dumps({"params": {"max_steps": 10}})
+        echo(f"  run one from the UI, or: prefect deployment run '{FLOW_NAME}/{ON_DEMAND}' --params '{example}'")
+        serve(*deployments, limit=1, print_starting_message=False)

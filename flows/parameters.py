@@ -1,0 +1,104 @@
+"""The pipeline flow's parameters: what a person may change for one run from the Prefect UI.
+
+Prefect turns ``PipelineParameters`` into the deployment's parameter schema, so the UI shows a form
+and the server rejects a run whose values break it (a negative step count, an unknown gate mode, an
+unexpected field) when the run is created. Everything else is checked when the run starts, before
+any work: the parameters become dotted-key overrides (``train.max_steps``) applied to params.yaml
+with ``gist_core.config.with_overrides``, which re-validates the whole settings, and then the same
+preflight as ``gist pipeline`` resolves the models and input files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gist_core.config import Settings, with_overrides
+from gist_core.errors import ConfigError
+
+GateMode = Literal["enabled", "dry_run", "disabled"]
+
+
+class PipelineParameters(BaseModel):
+    """Overrides of params.yaml for one run; a field left empty keeps the value in params.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="GIST pipeline run")
+
+    student: str | None = Field(
+        None,
+        min_length=1,
+        description="base.student: packaged short name (all-MiniLM-L6-v2), local folder or Hub id",
+    )
+    guide: str | None = Field(None, min_length=1, description="base.guide: the frozen guide model")
+    data_sources: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="names of data.classification entries to train on (a subset of params.yaml's)",
+    )
+    max_per_task: int | None = Field(None, ge=1, description="data.max_per_task: triplets kept per source")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="train.max_steps")
+    batch_size: int | None = Field(None, ge=2, le=65_536, description="train.batch_size")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="train.learning_rate")
+    tasks: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="evaluate.tasks, e.g. STSBenchmark, Banking77Classification, EmotionClassification",
+    )
+    gate_mode: GateMode | None = Field(None, description="gate.mode: enabled, dry_run or disabled")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description='any other setting as dotted key -> value, e.g. {"train.warmup_ratio": 0.05}',
+    )
+
+    @model_validator(mode="after")
+    def _no_duplicates(self) -> PipelineParameters:
+        for name in ("data_sources", "tasks"):
+            values = getattr(self, name) or []
+            dupes = sorted({v for v in values if values.count(v) > 1})
+            if dupes:
+                raise ValueError(f"{name}: duplicate entries {dupes}")
+        for key in self.overrides:
+            if "." not in key or not all(key.split(".")):
+                raise ValueError(f"overrides: {key!r} is not a dotted setting key such as train.warmup_ratio")
+        return self
+
+    def to_overrides(self, settings: Settings) -> dict[str, Any]:
+        """The dotted-key overrides these parameters stand for, given the settings from params.yaml."""
+        out: dict[str, Any] = {}
+        simple = {
+            "student": "base.student",
+            "guide": "base.guide",
+            "max_per_task": "data.max_per_task",
+            "max_steps": "train.max_steps",
+            "batch_size": "train.batch_size",
+            "learning_rate": "train.learning_rate",
+            "gate_mode": "gate.mode",
+        }
+        for field_name, dotted in simple.items():
+            value = getattr(self, field_name)
+            if value is not None:
+                out[dotted] = value
+        if self.data_sources is not None:
+            known = {s.name: s for s in settings.data.classification}
+            unknown = [n for n in self.data_sources if n not in known]
+            if unknown:
+                raise ConfigError(
+                    f"data_sources: unknown {unknown}; params.yaml data.classification has: {', '.join(known)}"
+                )
+            out["data.classification"] = [known[n].model_dump(mode="json") for n in self.data_sources]
+        if self.tasks is not None:
+            out["evaluate.tasks"] = list(self.tasks)
+            # The gate can only require tasks that are scored: narrowing the task set narrows it too.
+            out["gate.required_tasks"] = [t for t in settings.gate.required_tasks if t in self.tasks]
+        out.update(self.overrides)
+        return out
+
+
+def apply_parameters(
+    settings: Settings, params: PipelineParameters | None, overrides: dict[str, Any] | None = None
+) -> tuple[Settings, dict[str, Any]]:
+    """Settings for one run and the dotted overrides that produced them (typed parameters, then ``overrides``)."""
+    dotted = params.to_overrides(settings) if params is not None else {}
+    dotted.update(overrides or {})
+    return (with_overrides(settings, dotted) if dotted else settings), dotted

@@ -1,0 +1,118 @@
+"""Flow parameters: validation a UI run gets, and their mapping onto params.yaml's dotted keys."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from flows.parameters import PipelineParameters, apply_parameters
+from gist_core.config import OrchestrationSettings, load_settings
+from gist_core.errors import ConfigError
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_settings(REPO)
+
+
+def test_typed_fields_map_to_dotted_keys(settings) -> None:
+    params = PipelineParameters(
+        student="all-MiniLM-L6-v2",
+        guide="all-MiniLM-L6-v2",
+        max_per_task=50,
+        max_steps=7,
+        batch_size=8,
+        learning_rate=5e-6,
+        gate_mode="dry_run",
+        overrides={"train.warmup_ratio": 0.05},
+    )
+    assert params.to_overrides(settings) == {
+        "base.student": "all-MiniLM-L6-v2",
+        "base.guide": "all-MiniLM-L6-v2",
+        "data.max_per_task": 50,
+        "train.max_steps": 7,
+        "train.batch_size": 8,
+        "train.learning_rate": 5e-6,
+        "gate.mode": "dry_run",
+        "train.warmup_ratio": 0.05,
+    }
+    run_settings, _ = apply_parameters(settings, params)
+    assert (run_settings.train.max_steps, run_settings.gate.mode, run_settings.train.warmup_ratio) == (
+        7,
+        "dry_run",
+        0.05,
+    )
+    assert run_settings.root == settings.root
+
+
+def test_no_parameters_keep_params_yaml(settings) -> None:
+    assert apply_parameters(settings, None) == (settings, {})
+    assert apply_parameters(settings, PipelineParameters()) == (settings, {})
+
+
+def test_data_sources_select_configured_entries_in_order(settings) -> None:
+    run_settings, dotted = apply_parameters(
+        settings, PipelineParameters(data_sources=["EmotionClassification", "Banking77Classification"])
+    )
+    assert [s.name for s in run_settings.data.classification] == ["EmotionClassification", "Banking77Classification"]
+    assert run_settings.data.classification[0] == settings.data.classification[1]
+    assert dotted["data.classification"][0]["format"] == "lastsep"
+
+
+def test_unknown_data_source_names_the_known_ones(settings) -> None:
+    with pytest.raises(ConfigError, match=r"data_sources: unknown \['MEDI'\].*Banking77Classification"):
+        PipelineParameters(data_sources=["MEDI"]).to_overrides(settings)
+
+
+def test_narrowing_tasks_narrows_the_required_tasks(settings) -> None:
+    run_settings, _ = apply_parameters(settings, PipelineParameters(tasks=["STSBenchmark"]))
+    assert run_settings.evaluate.tasks == ["STSBenchmark"]
+    assert run_settings.gate.required_tasks == ["STSBenchmark"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"learning_rate": 2.0}, "learning_rate"),
+        ({"gate_mode": "yolo"}, "gate_mode"),
+        ({"student": ""}, "student"),
+        ({"tasks": []}, "tasks"),
+        ({"tasks": ["STSBenchmark", "STSBenchmark"]}, "duplicate"),
+        ({"epochs": 3}, "epochs"),
+        ({"overrides": {"max_steps": 3}}, "dotted"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_field_named(raw: dict, field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        PipelineParameters.model_validate(raw)
+
+
+def test_settings_level_errors_surface_as_config_errors(settings) -> None:
+    with pytest.raises(ConfigError, match="train.nope"):
+        apply_parameters(settings, PipelineParameters(overrides={"train.nope": 1}))
+    with pytest.raises(ConfigError, match=r"unknown tasks \[.NoSuchTask.\]"):
+        apply_parameters(settings, PipelineParameters(tasks=["NoSuchTask"]))
+
+
+def test_json_schema_lets_the_server_reject_bad_runs() -> None:
+    schema = PipelineParameters.model_json_schema()
+    assert schema["additionalProperties"] is False
+    steps = schema["properties"]["max_steps"]["anyOf"][0]
+    assert steps["minimum"] == 1 and steps["type"] == "integer"
+    assert schema["properties"]["gate_mode"]["anyOf"][0]["enum"] == ["enabled", "dry_run", "disabled"]
+
+
+def test_orchestration_settings_validate() -> None:
+    assert OrchestrationSettings(nproc_per_node=4).nproc_per_node == 4
+    for bad, message in [
+        ({"nproc_per_node": 0}, "at least 1"),
+        ({"nproc_per_node": "many"}, "nproc_per_node"),
+        ({"train_launcher": "mpirun"}, "train_launcher"),
+        ({"schedule_cron": "weekly"}, "5 cron fields"),
+        ({"schedule_timezone": "Mars/Olympus"}, "IANA"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            OrchestrationSettings.model_validate(bad)

@@ -1,0 +1,291 @@
+"""The registry against a real ``mlflow server`` on loopback and against SQLite: only the URI differs.
+
+Also: two processes racing to promote on one store, the server stopping in the middle of a
+registration, and ``mlflow models serve`` answering for the champion. A tiny random model keeps
+each registration to a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gist_core import registry, stages
+from gist_core.config import settings_from_dict
+from gist_core.errors import RegistryError
+from gist_core.stages import EvalOutput
+from gist_core.versioning import DataVersion
+from tests.mlflow_store import MlflowServer, copy_db, free_port, migrated_sqlite_db, stop_process_group
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REVS = {"STSBenchmark": "rev-sts-1"}
+DATA = DataVersion("data", "data/prepared/triplets.parquet", "e" * 32, None)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return migrated_sqlite_db(tmp_path_factory.mktemp("mlflow-template") / "mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, template_db: Path):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), template_db).start().wait_healthy()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, template_db: Path) -> str:
+    """A tracking URI: a fresh SQLite store, or the module's mlflow server."""
+    if request.param == "sqlite":
+        return copy_db(template_db, tmp_path / "store" / "mlflow.db")
+    return request.getfixturevalue("server").uri
+
+
+@pytest.fixture(autouse=True)
+def _fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # our own retries (registry.retry_*) are what is tested: no extra HTTP-level retries underneath
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # a loaded 2-core machine can be slow to answer
+    monkeypatch.setenv("GIST_REGISTRY_LOCK_DIR", str(tmp_path / "locks"))
+
+
+def make_settings(root: Path, uri: str, name: str):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["registry"].update(
+        {
+            "tracking_uri": uri,
+            "artifact_location": "artifacts",
+            "model_name": name,
+            "retry_attempts": 3,
+            "retry_backoff_seconds": 0.5,
+        }
+    )
+    raw["evaluate"]["tasks"] = ["STSBenchmark"]
+    raw["gate"].update({"required_tasks": ["STSBenchmark"], "min_mean_delta": 0.0, "max_task_regression": 0.01})
+    return settings_from_dict(raw, root)
+
+
+def model_name(request: pytest.FixtureRequest) -> str:
+    """Tests share the module's server: each uses its own registered model."""
+    return "gist-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+
+
+def evaluation(score: float, base: float = 0.70) -> EvalOutput:
+    return EvalOutput(
+        candidate={"STSBenchmark": score},
+        baseline={"STSBenchmark": base},
+        baseline_name="base",
+        summary={},
+        task_revisions=dict(REVS),
+        mteb_version="2.26.24",
+        path="reports/eval.json",
+        baselines={"base": {"STSBenchmark": base}},
+        categories={"STSBenchmark": "STS"},
+    )
+
+
+def register(settings, model_dir: Path, score: float):
+    run_id = registry.start_run(settings, "test")
+    with registry.failing_run_marks_failed(settings, run_id):
+        return stages.run_register(settings, run_id, model_dir, evaluation(score), DATA)
+
+
+def test_promote_block_rollback_and_consume(store, request, tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = make_settings(tmp_path, store, model_name(request))
+    v1, d1 = register(settings, tiny_model_dir, 0.80)
+    v2, d2 = register(settings, tiny_model_dir, 0.82)
+    v3, d3 = register(settings, tiny_model_dir, 0.81)
+    assert (d1.passed, d1.baseline_label) == (True, "base")
+    assert (d2.passed, d2.baseline_label) == (True, "champion v1")
+    assert (d3.passed, d3.baseline_label) == (False, "champion v2") and v3.aliases == ()
+    assert registry.champion_version(settings) == v2.version
+    blocked = registry.version_tags(settings, v3.version)
+    assert blocked["gist.gate.verdict"] == "blocked" and blocked["gist.promotion"] == "done"
+    assert json.loads(blocked["gist.scores"]) == {"STSBenchmark": 0.81}
+
+    hist = registry.history(settings).to_dict()
+    assert [e["version"] for e in hist["events"]] == ["1", "2"]
+    assert [v["verdict"] for v in hist["versions"]] == ["passed", "passed", "blocked"]
+
+    event = registry.rollback(settings, reason="test")
+    assert (event.previous, event.version) == (v2.version, v1.version)
+    assert registry.champion_version(settings) == v1.version
+
+    # consumers: the champion as a SentenceTransformer, embeddings as JSON, a local copy to score
+    model = registry.load_champion(store, settings.registry.model_name)
+    assert model.encode(["a", "b"]).shape == (2, 32)
+    out = registry.encode(store, ["one", "two", "three"], settings.registry.model_name)
+    assert out["version"] == v1.version and out["dimension"] == 32 and len(out["embeddings"]) == 3
+    folder = stages.run_fetch_champion(settings)
+    assert folder is not None and (folder / "modules.json").is_file()
+
+
+RACER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+
+    from gist_core import registry
+    from gist_core.config import GateSettings
+    from gist_core.gate import Scorecard, decide
+
+    uri, name, number, run_id, score, expected, go, out = sys.argv[1:]
+    policy = GateSettings(required_tasks=["STSBenchmark"])
+    cand = Scorecard("candidate", {"STSBenchmark": float(score)}, {"STSBenchmark": "rev-sts-1"}, "2.26.24")
+
+    def redecide(record):
+        return decide(cand, record.scorecard(), policy)
+
+    first = decide(cand, registry.get_version(uri, expected, name).scorecard(), policy)
+    version = registry.RegisteredVersion(name, number, run_id, (), f"models:/{name}/{number}")
+    Path(out + ".ready").touch()
+    while not Path(go).exists():
+        time.sleep(0.005)
+    start = time.time()
+    result = registry.promote(uri, version, first, expected_champion=expected, redecide=redecide)
+    Path(out).write_text(json.dumps({
+        "version": number,
+        "first_passed": first.passed,
+        "passed": result.decision.passed,
+        "baseline": result.decision.baseline_version,
+        "previous": result.previous_champion,
+        "redecided": result.redecided,
+        "aliases": list(result.version.aliases),
+        "start": start,
+        "end": time.time(),
+    }))
+    """
+)
+
+
+def test_two_processes_racing_leave_one_champion(store, request, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Both candidates pass against champion v1; only the one that also beats the other ends champion."""
+    settings = make_settings(tmp_path, store, model_name(request))
+    name = settings.registry.model_name
+    v1, _ = register(settings, tiny_model_dir, 0.80)
+    candidates = {}
+    for label, score in (("a", 0.83), ("b", 0.81)):
+        run_id = registry.start_run(settings, f"racer-{label}")
+        tags = {"scores": json.dumps({"STSBenchmark": score}), "task_revisions": json.dumps(REVS)}
+        tags["mteb_version"] = "2.26.24"
+        candidates[label] = (registry.register_model(settings, run_id, tiny_model_dir, tags, label), score)
+
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    go = tmp_path / "go"
+    env = dict(os.environ)
+    procs = {}
+    for label, (version, score) in candidates.items():
+        out = tmp_path / f"{label}.json"
+        args = [store, name, version.version, version.run_id, str(score), v1.version, str(go), str(out)]
+        procs[label] = subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"{label}.json.ready").exists() for label in procs):
+        assert time.monotonic() < deadline, "racers did not get ready"
+        for proc in procs.values():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    go.touch()  # both promote at once, each believing v1 is champion
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    results = {label: json.loads((tmp_path / f"{label}.json").read_text()) for label in procs}
+
+    a, b = (candidates[label][0].version for label in ("a", "b"))
+    assert all(r["first_passed"] for r in results.values()), "both passed against v1"
+    assert registry.champion_version(settings) == a, results
+    # exactly one of them found the champion moved under it and decided again
+    assert sorted(r["redecided"] for r in results.values()) == [False, True], results
+    for r in results.values():
+        if r["passed"]:  # whoever moved champion passed against the champion it replaced
+            assert r["baseline"] == r["previous"], r
+    # the event log is a chain without lost updates: each move starts from the previous champion
+    events = registry.champion_events(settings)
+    assert events[0].version == v1.version and events[-1].version == a
+    assert all(later.previous == earlier.version for earlier, later in zip(events, events[1:], strict=False))
+    aliases = {k: str(v) for k, v in registry.client(settings).get_registered_model(name).aliases.items()}
+    assert aliases.get("champion") == a and b not in aliases.values(), (aliases, results)
+    overlap = min(r["end"] for r in results.values()) - max(r["start"] for r in results.values())
+    print(f"racers overlapped for {overlap:.3f} s; {results}")
+
+
+def test_server_stopped_mid_registration_registers_nothing(
+    tmp_path: Path, template_db: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model is logged, then the server goes away before the version is created: retried, then
+    a clear error, and the registry holds no version without its tags and metrics."""
+    import mlflow.sentence_transformers
+
+    srv = MlflowServer(tmp_path / "srv", template_db).start().wait_healthy()
+    try:
+        settings = make_settings(tmp_path, srv.uri, "gist-failure")
+        run_id = registry.start_run(settings, "doomed")
+        registry.log_metrics(settings, run_id, {"eval/STSBenchmark": 0.9})
+        real = mlflow.sentence_transformers.log_model
+
+        def log_then_stop(*args, **kwargs):
+            info = real(*args, **kwargs)
+            srv.stop()
+            return info
+
+        monkeypatch.setattr(mlflow.sentence_transformers, "log_model", log_then_stop)
+        started = time.monotonic()
+        with pytest.raises(RegistryError, match=r"failed 3 time\(s\)"):
+            stages.run_register(settings, run_id, tiny_model_dir, evaluation(0.9), DATA)
+        assert time.monotonic() - started < 60
+        # the server is down: a new registration fails cleanly from its first call
+        with pytest.raises(RegistryError, match="127.0.0.1"):
+            registry.start_run(settings, "down")
+    finally:
+        srv.stop()
+    # read what the server stored, straight from its database
+    direct = make_settings(tmp_path, f"sqlite:///{srv.db}", "gist-failure")
+    assert registry.client(direct).search_model_versions("name = 'gist-failure'") == []
+    assert registry.client(direct).get_run(run_id).data.metrics["eval/STSBenchmark"] == 0.9
+
+
+def test_mlflow_models_serve_answers_for_the_champion(server, request, tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = make_settings(tmp_path, server.uri, model_name(request))
+    version, _ = register(settings, tiny_model_dir, 0.80)
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{settings.registry.model_name}@champion"]
+    cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        body = json.dumps({"inputs": ["How do I reset my PIN?", "A man is playing a guitar."]}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+    finally:
+        stop_process_group(proc)
+    vectors = answer["predictions"]
+    assert len(vectors) == 2 and all(len(v) == 32 for v in vectors)
+    expected = registry.encode(server.uri, ["How do I reset my PIN?"], settings.registry.model_name)["embeddings"][0]
+    assert vectors[0] == pytest.approx(expected, abs=1e-5)
+    assert version.aliases == ("challenger", "champion")

@@ -1,0 +1,71 @@
+"""The paper's batches: with task_homogeneous_batches every training batch comes from one task and holds no
+text twice (sentence-transformers' PROPORTIONAL multi-dataset sampler over NO_DUPLICATES samplers)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gist_core.config import settings_from_dict
+from gist_core.train import build_train_dataset, training_arguments
+from tests.model.test_train_triplets import write_triplets
+
+pytestmark = pytest.mark.slow
+COLUMNS = ("anchor", "positive", "negative")
+
+
+@pytest.fixture(scope="module")
+def triplets(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_triplets(repo_root, tmp_path_factory.mktemp("batches") / "triplets.parquet", per_task=60, seed=2)
+
+
+def _epoch_batches(repo_root: Path, tmp_path: Path, triplets: Path, model_dir: Path, homogeneous: bool):
+    """Every batch (as rows of the training data) the trainer's own data loader draws in one epoch."""
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["train"].update({"batch_size": 16, "task_homogeneous_batches": homogeneous})
+    settings = settings_from_dict(raw, tmp_path)
+    dataset = build_train_dataset(triplets, homogeneous)
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    args = training_arguments(settings, tmp_path / "run", "cpu", processes=1)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model)
+    )
+    sampler = trainer.get_train_dataloader().batch_sampler
+    parts = list(dataset.items()) if homogeneous else [("all", dataset)]
+    offsets = [0, *itertools.accumulate(len(d) for _, d in parts)]
+
+    def row(index: int) -> tuple[str, dict]:
+        part = next(p for p in range(len(parts)) if index < offsets[p + 1])
+        name, data = parts[part]
+        return name, data[index - offsets[part]]
+
+    return [[row(i) for i in batch] for batch in sampler], sum(len(d) for _, d in parts)
+
+
+def test_every_batch_is_one_task_without_duplicate_texts(
+    repo_root: Path, tmp_path: Path, triplets: Path, tiny_model_dir: Path
+) -> None:
+    batches, rows = _epoch_batches(repo_root, tmp_path, triplets, tiny_model_dir, homogeneous=True)
+    assert len(batches) >= rows // 16 and sum(len(b) for b in batches) >= rows * 0.9
+    for batch in batches:
+        assert len({task for task, _ in batch}) == 1, "a batch mixes tasks"
+        texts = [values[c] for _, values in batch for c in COLUMNS]
+        assert len(texts) == len(set(texts)), "a batch holds a text twice"
+    assert len({batch[0][0] for batch in batches}) == 3, "all three tasks take turns"
+
+
+def test_without_task_homogeneous_batches_tasks_mix(
+    repo_root: Path, tmp_path: Path, triplets: Path, tiny_model_dir: Path
+) -> None:
+    import pandas as pd
+
+    frame = pd.read_parquet(triplets)
+    task_of = dict(zip(frame["anchor"], frame["task_name"], strict=True))
+    batches, _ = _epoch_batches(repo_root, tmp_path, triplets, tiny_model_dir, homogeneous=False)
+    assert any(len({task_of[values["anchor"]] for _, values in batch}) > 1 for batch in batches)
