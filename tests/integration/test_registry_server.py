@@ -260,7 +260,10 @@ def test_mlflow_models_serve_answers_for_the_champion(server, request, tmp_path:
     settings = make_settings(tmp_path, server.uri, model_name(request))
     version, _ = register(settings, tiny_model_dir, 0.80)
     port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri)
+    # `mlflow models serve` execs `uvicorn` through a shell: the venv's scripts must be on PATH
+    # whether or not the venv is activated (CI runs .venv/bin/pytest without activating it).
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri, PATH=path)
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{settings.registry.model_name}@champion"]
     cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     log_path = tmp_path / "serve.log"
