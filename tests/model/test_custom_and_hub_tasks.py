@@ -231,3 +231,19 @@ def test_hub_task_offline_is_a_clear_error(empty_hf_cache: None, tiny: Any, tmp_
     assert "use the local task pack in evaluate.tasks: " + ", ".join(LOCAL_TASKS) in message
     assert "use 'STSBenchmark' instead of 'mteb:STSBenchmark'" in message
     assert not tasks[0].data_loaded
+
+
+def test_bfloat16_results_are_cached_apart(files: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from gist_core.evaluate import score_model
+    from gist_core.models import ModelRef
+
+    ref = ModelRef("tiny", "path", str(tiny_model_dir))
+    tasks = build(files)[1:2]  # MySTS
+    fp32 = score_model(ref, tasks, cache_dir=tmp_path, show_progress_bar=False)
+    bf16 = score_model(ref, tasks, cache_dir=tmp_path, show_progress_bar=False, precision="bfloat16")
+
+    assert bf16.revision == fp32.revision + "-bf16"
+    assert bf16.scores["MySTS"].encoding is not None  # not served from the float32 result
+    assert -1.0 <= bf16.scores["MySTS"].main_score <= 1.0
+    again = score_model(ref, tasks, cache_dir=tmp_path, show_progress_bar=False, precision="bfloat16")
+    assert again.scores == bf16.scores and again.scores["MySTS"].encoding is None
