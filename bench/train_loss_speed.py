@@ -19,10 +19,11 @@ the same batches in turn (rotating which goes first), so a burst of load from el
 them alike; ``--warmup`` steps are not timed and the median of the ``--steps`` timed steps is
 reported. Memory: each configuration alone in its own subprocess (fresh allocator), the process's
 resident set (RSS, /proc/self/statm) sampled every 5 ms by a thread: ``peak_rss`` is the highest
-value during the measured steps and ``step_mem`` that peak minus the RSS just before them (after
-warm-up, so weights, optimizer state and the allocator's first growth are in the baseline and
-``step_mem`` is what a step itself needs: activations, similarity matrices, gradients).
-tracemalloc is not used: it sees only Python's allocations, not torch's.
+value during the measured steps and ``step_mem`` that peak minus the RSS just before them, after
+warm-up, so weights and optimizer state are in the baseline and ``step_mem`` is what a step itself
+needs (activations, similarity matrices, gradients). glibc is told to give every block above 64 KiB
+its own mapping (MALLOC_MMAP_THRESHOLD_), so freed memory leaves the RSS instead of inflating the
+baseline. tracemalloc is not used: it sees only Python's allocations, not torch's.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def run_timing(spec: dict[str, Any]) -> list[dict[str, Any]]:
             "mini_batch_size": None,
             "steps": len(seconds[kind]),
             "seconds_per_step": float(np.median(seconds[kind])),
+            "seconds_min": float(np.min(seconds[kind])),
             "seconds_all": [round(x, 3) for x in seconds[kind]],
             "mean_loss": float(np.mean(losses[kind])),
         }
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--cache-all", action="store_true", help="also time the guide cache of every triplet text")
+    parser.add_argument("--phases", nargs="+", choices=["timing", "memory"], default=["timing", "memory"])
     parser.add_argument("--json", type=Path, default=None, help="also write the record here")
     parser.add_argument("--config", type=Path, default=None, help=argparse.SUPPRESS)  # a child's spec
     args = parser.parse_args(argv)
@@ -333,17 +336,23 @@ def main(argv: list[str] | None = None) -> int:
             }
             spec_file = tmp / f"spec-{mode}-{'-'.join(kinds)}-{bs}.json"
             spec_file.write_text(json.dumps(spec))
+            env = dict(os.environ)
+            if mode == "memory":
+                # Every allocation above 64 KiB gets its own mapping, returned to the OS when freed, so RSS
+                # follows the memory in use instead of what glibc keeps from earlier steps.
+                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
             proc = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--config", str(spec_file)],
                 capture_output=True,
                 text=True,
+                env=env,
             )
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 raise SystemExit(f"{mode} {kinds} at batch {bs} failed:\n{proc.stderr[-3000:]}")
             return json.loads(lines[-1][len("RESULT ") :])
 
-        for bs in args.batch_sizes:
+        for bs in args.batch_sizes if "timing" in args.phases else []:
             for result in child("timing", list(LOSSES), bs):
                 record["timing"].append(result)
                 print(
@@ -351,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"(median of {result['steps']}: {result['seconds_all']})",
                     flush=True,
                 )
-        for kind, bs in memory_plan:
+        for kind, bs in memory_plan if "memory" in args.phases else []:
             result = child("memory", [kind], bs)
             record["memory"].append(result)
             print(

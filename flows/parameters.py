@@ -37,7 +37,10 @@ class PipelineParameters(BaseModel):
         description="names of data.classification entries to train on (a subset of params.yaml's)",
     )
     max_per_task: int | None = Field(None, ge=1, description="data.max_per_task: triplets kept per source")
-    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="train.max_steps")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="train.max_steps (instead of epochs)")
+    epochs: float | None = Field(
+        None, gt=0, le=10_000, description="train.num_train_epochs: passes over the triplets (instead of max_steps)"
+    )
     batch_size: int | None = Field(None, ge=2, le=65_536, description="train.batch_size")
     learning_rate: float | None = Field(None, gt=0, lt=1, description="train.learning_rate")
     tasks: list[str] | None = Field(
@@ -50,6 +53,12 @@ class PipelineParameters(BaseModel):
         default_factory=dict,
         description='any other setting as dotted key -> value, e.g. {"train.warmup_ratio": 0.05}',
     )
+
+    @model_validator(mode="after")
+    def _one_training_length(self) -> PipelineParameters:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("max_steps and epochs: set one of them, not both (each sets the training length)")
+        return self
 
     @model_validator(mode="after")
     def _no_duplicates(self) -> PipelineParameters:
@@ -71,6 +80,7 @@ class PipelineParameters(BaseModel):
             "guide": "base.guide",
             "max_per_task": "data.max_per_task",
             "max_steps": "train.max_steps",
+            "epochs": "train.num_train_epochs",
             "batch_size": "train.batch_size",
             "learning_rate": "train.learning_rate",
             "gate_mode": "gate.mode",
@@ -79,6 +89,11 @@ class PipelineParameters(BaseModel):
             value = getattr(self, field_name)
             if value is not None:
                 out[dotted] = value
+        # One training length applies: choosing one here clears the other one params.yaml may set.
+        if self.epochs is not None and settings.train.max_steps is not None:
+            out["train.max_steps"] = None
+        if self.max_steps is not None and settings.train.num_train_epochs is not None:
+            out["train.num_train_epochs"] = None
         if self.data_sources is not None:
             known = {s.name: s for s in settings.data.classification}
             unknown = [n for n in self.data_sources if n not in known]

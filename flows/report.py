@@ -107,7 +107,7 @@ def report_markdown(
         f"- MLflow run: `{run_id}`" + (f" ([open]({run_ref}))" if run_ref else f" in `{settings.tracking_uri}`"),
         f"- Data version: `{data.md5}` (`{data.path}`, DVC remote `{data.remote or 'none'}`)",
         f"- Student `{settings.base.student}`, guide `{settings.base.guide}`, "
-        f"{settings.train.max_steps} steps at batch {settings.train.batch_size}, lr {settings.train.learning_rate}",
+        f"{settings.train.length_description} at batch {settings.train.batch_size}, lr {settings.train.learning_rate}",
     ]
     return "\n".join(lines)
 

@@ -147,7 +147,9 @@ class TrainSettings(_Section):
     loss: Literal["gist", "mnrl"] = "gist"
     temperature: float = Field(0.01, gt=0)
     batch_size: int = Field(32, ge=2)
-    max_steps: int = Field(40, ge=1)
+    # Training length: exactly one of the two is set (the other null).
+    max_steps: int | None = Field(40, ge=1, description="optimizer steps to train for")
+    num_train_epochs: float | None = Field(None, gt=0, description="passes over the triplets (may be fractional)")
     learning_rate: float = Field(2e-5, gt=0, lt=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(64, ge=8, le=8192)
@@ -164,6 +166,22 @@ class TrainSettings(_Section):
     mini_batch_size: int | None = Field(None, ge=1, description="GradCache mini-batch (None: no GradCache)")
     save_steps: int | None = Field(50, ge=1, description="checkpoint every N steps for resuming (None: never)")
     checkpoints_dir: str = "outputs/checkpoints"
+
+    @model_validator(mode="after")
+    def _one_training_length(self) -> TrainSettings:
+        if (self.max_steps is None) == (self.num_train_epochs is None):
+            given = "both are set" if self.max_steps is not None else "neither is set"
+            raise ValueError(
+                f"set exactly one of train.max_steps and train.num_train_epochs, the other to null ({given})"
+            )
+        return self
+
+    @property
+    def length_description(self) -> str:
+        """The training length for people: ``30 steps`` or ``2.5 epochs``."""
+        if self.max_steps is not None:
+            return f"{self.max_steps} steps"
+        return f"{self.num_train_epochs:g} epochs"
 
     @model_validator(mode="after")
     def _mini_batch_fits(self) -> TrainSettings:
@@ -339,6 +357,93 @@ class OrchestrationSettings(_Section):
         return value
 
 
+# Training settings an ablation arm may not change: they are where and how long it runs, set by the ablation.
+_ARM_FIXED_TRAIN_KEYS = frozenset(
+    {
+        "output_dir",
+        "checkpoints_dir",
+        "save_steps",
+        "guide_cache_dir",
+        "max_steps",
+        "num_train_epochs",
+        "batch_size",
+        "logging_steps",
+    }
+)
+
+
+class AblationArm(_Section):
+    """One arm: the untrained student (``base: true``), or training with these overrides of the train section."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,39}$", description="lower-case, e.g. gist-live")
+    base: bool = Field(False, description="the student as it is, no training")
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of train.*, e.g. {loss: mnrl}")
+    mining: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of data.mining.*: the arm trains on its own re-mined data"
+    )
+
+    @model_validator(mode="after")
+    def _valid_overrides(self) -> AblationArm:
+        if self.base and (self.train or self.mining):
+            raise ValueError(f"arm {self.name!r}: a base arm trains nothing; drop its train/mining overrides")
+        fixed = sorted(set(self.train) & _ARM_FIXED_TRAIN_KEYS)
+        if fixed:
+            raise ValueError(f"arm {self.name!r}: {fixed} are set by the ablation section, not per arm")
+        try:  # the values must be valid train / mining settings themselves
+            TrainSettings.model_validate({**TrainSettings().model_dump(), **self.train})
+            MiningSettings.model_validate({**MiningSettings().model_dump(), **self.mining})
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"arm {self.name!r}: {problems}") from None
+        return self
+
+
+def _default_arms() -> list[AblationArm]:
+    return [
+        AblationArm(name="base", base=True),
+        AblationArm(name="mnrl", train={"loss": "mnrl"}),
+        AblationArm(name="gist", train={"loss": "gist", "guide_cache": True}),
+    ]
+
+
+class AblationSettings(_Section):
+    """``gist ablation``: the same student, data version, steps, batch and seeds under several arms (README)."""
+
+    arms: list[AblationArm] = Field(default_factory=_default_arms, min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    noise_levels: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4], min_length=1)
+    positive_noise_share: float = Field(
+        0.5, ge=0, le=1, description="of the corrupted triplets, the share whose positive is replaced (rest: negative)"
+    )
+    max_triplets_per_task: int | None = Field(None, ge=2, description="a seeded subset of each task's triplets")
+    max_steps: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=2)
+    tasks: list[str] | None = Field(None, description="evaluation tasks (None: evaluate.tasks)")
+    compare: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("gist", "mnrl"), ("gist", "base"), ("mnrl", "base")],
+        description="(arm, against) pairs the report gives a verdict for",
+    )
+    output_dir: str = "outputs/ablation"
+    docs: str | None = Field("docs/ablation.md", description="the table is also written here (chart beside it)")
+    experiment: str = Field("gist-ablation", min_length=1)
+    keep_models: bool = Field(False, description="keep every trained arm's model folder (about 90 MB each)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AblationSettings:
+        names = [a.name for a in self.arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate arm names: {dupes}")
+        if len(set(self.seeds)) != len(self.seeds) or any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}")
+        if len(set(self.noise_levels)) != len(self.noise_levels) or any(not 0 <= n < 1 for n in self.noise_levels):
+            raise ValueError(f"noise_levels must be distinct fractions in [0, 1), got {self.noise_levels}")
+        unknown = sorted({n for pair in self.compare for n in pair if n not in names})
+        if unknown:
+            raise ValueError(f"compare names arms that are not in arms: {unknown}")
+        return self
+
+
 class Settings(_Section):
     """All of params.yaml, with paths resolved against the project root."""
 
@@ -349,6 +454,7 @@ class Settings(_Section):
     registry: RegistrySettings = RegistrySettings()
     gate: GateSettings = GateSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
+    ablation: AblationSettings = AblationSettings()
     root: Path = Field(default=Path("."), exclude=True)
 
     @model_validator(mode="after")

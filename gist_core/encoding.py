@@ -98,6 +98,9 @@ class DedupEncoder(SentenceTransformerEncoderWrapper):
             return self._timed(inputs, task_metadata, hf_split, hf_subset, prompt_type, kwargs, len(inputs.dataset))
         # The texts exactly as mteb's wrapper would read them (documents already joined with their titles).
         texts = [text for batch in inputs for text in batch["text"]]
+        if not all(isinstance(text, str) for text in texts):  # e.g. structured inputs: no memo key
+            self.stats.texts += len(texts)
+            return self._timed(inputs, task_metadata, hf_split, hf_subset, prompt_type, kwargs, len(texts))
         # With prompts, the prompt depends on the task (and its type): never share across tasks then.
         scope = (str(prompt_type), task_metadata.name if self.model_prompts else None)
         keys = [(scope, text) for text in texts]

@@ -152,7 +152,7 @@ class CacheIdentity:
         out = []
         if manifest.get("format") != FORMAT_VERSION:
             out.append(f"format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
-        recorded = manifest.get("identity") or {}
+        recorded = manifest.get("identity") or {}  # None for a placeholder: nothing matches
         for item in fields(self):
             if item.name == "guide":
                 continue  # the same weights under another name or path are the same guide
@@ -331,13 +331,34 @@ def guide_cache_dir(settings: Settings) -> Path:
 
 
 def build_for_settings(settings: Settings) -> dict[str, Any]:
-    """Build the cache for the configured student, guide, training length and triplets (the DVC stage)."""
+    """The DVC stage: build the cache for the configured student, guide, training length and triplets.
+
+    When training does not use the cache (``train.loss: mnrl`` or ``train.guide_cache: false``) it
+    writes an empty placeholder instead, so the stage, and ``dvc status``, stay consistent either way.
+    """
     from gist_core.train import pick_device, resolve_models
 
+    directory = guide_cache_dir(settings)
+    if not uses_guide_cache(settings):
+        return write_placeholder(directory, "train.loss is not gist or train.guide_cache is false")
     student_ref, guide_ref = resolve_models(settings)
     device = pick_device()
     student = load_sentence_transformer(student_ref, settings.train.max_seq_length, device)
-    return build_guide_cache(guide_cache_dir(settings), settings.path(settings.data.output), student, guide_ref, device)
+    return build_guide_cache(directory, settings.path(settings.data.output), student, guide_ref, device)
+
+
+def write_placeholder(directory: Path, reason: str) -> dict[str, Any]:
+    """An empty cache that no identity matches (training rebuilds it if it ever needs the cache)."""
+    staged = directory.with_name(directory.name + ".partial")
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir(parents=True)
+    manifest = {"format": FORMAT_VERSION, "identity": None, "entries": 0, "texts": 0, "seconds": 0.0, "skipped": reason}
+    (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    staged.rename(directory)
+    return manifest
 
 
 def uses_guide_cache(settings: Settings) -> bool:
@@ -345,13 +366,13 @@ def uses_guide_cache(settings: Settings) -> bool:
 
 
 def version_guide_cache(settings: Settings, push: bool = True) -> bool:
-    """``dvc repro`` (and push) the guide_cache stage when training uses the cache and dvc.yaml defines it."""
+    """``dvc repro`` (and push) the guide_cache stage, when dvc.yaml defines it."""
     import yaml
 
     from gist_core.versioning import run_dvc
 
     dvc_yaml = settings.root / "dvc.yaml"
-    if not uses_guide_cache(settings) or not dvc_yaml.is_file():
+    if not dvc_yaml.is_file():
         return False
     if GUIDE_CACHE_STAGE not in ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}):
         return False

@@ -125,26 +125,119 @@ class GuideMaskStats(nn.CrossEntropyLoss):
     ``pop_masked_fraction`` reads and resets them.
     """
 
-    def __init__(self, self_pairs: int) -> None:
+    def __init__(self, self_pairs: int, contrast_anchors: bool = True, contrast_positives: bool = True) -> None:
         super().__init__()
         self.self_pairs = self_pairs
-        self.register_buffer("counts", torch.zeros(2, dtype=torch.long), persistent=False)
+        self.contrast_anchors = contrast_anchors
+        self.contrast_positives = contrast_positives
+        # masked, candidates; then same-label masked, same-label candidates, other-label masked, other-label candidates
+        self.register_buffer("counts", torch.zeros(6, dtype=torch.long), persistent=False)
+        # Label ids of the current batch's columns (anchor, positive, negatives...), -1 unknown; set by
+        # ``LabelledBatches`` before each forward.
+        self.column_labels: list[Tensor] | None = None
 
     def forward(self, scores: Tensor, labels: Tensor) -> Tensor:
         with torch.no_grad():
-            masked = (torch.isneginf(scores).sum(dim=1) - self.self_pairs).clamp(min=0).sum()
-            self.counts[0] += masked
+            masked = torch.isneginf(scores)
+            self.counts[0] += (masked.sum(dim=1) - self.self_pairs).clamp(min=0).sum()
             self.counts[1] += scores.size(0) * max(scores.size(1) - 1 - self.self_pairs, 0)
+            if self.column_labels is not None:
+                self._count_by_label(masked)
         return super().forward(scores, labels)
 
-    def pop_masked_fraction(self, reduce_across_processes: bool = False) -> float | None:
-        """The fraction masked since the last call (summed over processes if asked); None if nothing was scored."""
+    def _count_by_label(self, masked: Tensor) -> None:
+        """Split the masked candidates into those of the anchor's own label and of another label.
+
+        The GIST loss concatenates its score blocks as anchor-positive, anchor-anchor (with
+        ``contrast_anchors``), positive-positive (with ``contrast_positives``), then anchor-negative
+        per negative column. A block's diagonal is the anchor's own positive or a self-pair, never a
+        candidate. Batches whose layout differs (candidates gathered across processes, GradCache
+        mini-batches) are not split.
+        """
+        columns = self.column_labels or []
+        rows = columns[0]
+        blocks: list[tuple[Tensor, bool]] = [(columns[1], True)]  # (candidate labels, has a diagonal)
+        if self.contrast_anchors:
+            blocks.append((columns[0], True))
+        if self.contrast_positives:
+            blocks.append((columns[1], True))
+        blocks += [(column, False) for column in columns[2:]]
+        if masked.size(0) != rows.numel() or masked.size(1) != sum(b.numel() for b, _ in blocks):
+            return
+        offset = 0
+        for block, has_diagonal in blocks:
+            width = block.numel()
+            cells = masked[:, offset : offset + width]
+            offset += width
+            known = (rows[:, None] >= 0) & (block[None, :] >= 0)
+            if has_diagonal:
+                known &= ~torch.eye(rows.numel(), width, dtype=torch.bool, device=known.device)
+            same = known & (rows[:, None] == block[None, :])
+            other = known & ~same
+            self.counts[2] += (cells & same).sum()
+            self.counts[3] += same.sum()
+            self.counts[4] += (cells & other).sum()
+            self.counts[5] += other.sum()
+
+    def pop_counts(self, reduce_across_processes: bool = False) -> dict[str, float]:
+        """The masked fractions since the last call (summed over processes if asked), and reset.
+
+        ``guide_masked_fraction``: of all in-batch candidates. With labels:
+        ``guide_masked_same_label``: of candidates with the anchor's label (false negatives the
+        guide caught); ``guide_masked_other_label``: of candidates with another label (true
+        negatives it dropped); ``guide_masked_same_label_share``: of the masked labelled candidates.
+        Keys without candidates are left out.
+        """
         counts = self.counts.clone()
         self.counts.zero_()
         if reduce_across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
-        masked, candidates = counts.tolist()
-        return masked / candidates if candidates else None
+        masked, candidates, same_masked, same, other_masked, other = counts.tolist()
+        out: dict[str, float] = {}
+        if candidates:
+            out["guide_masked_fraction"] = masked / candidates
+        if same:
+            out["guide_masked_same_label"] = same_masked / same
+        if other:
+            out["guide_masked_other_label"] = other_masked / other
+        if same_masked + other_masked:
+            out["guide_masked_same_label_share"] = same_masked / (same_masked + other_masked)
+        return out
+
+    def pop_masked_fraction(self, reduce_across_processes: bool = False) -> float | None:
+        """The fraction masked since the last call (summed over processes if asked); None if nothing was scored."""
+        return self.pop_counts(reduce_across_processes).get("guide_masked_fraction")
+
+
+class LabelledBatches:
+    """Tells a loss's ``GuideMaskStats`` the label of every text in each batch, by the student's token ids.
+
+    Attach with ``LabelledBatches(stats, student, labels).attach(loss)``: a forward pre-hook on the
+    loss looks up each column's texts before the loss runs. ``labels`` maps a text to its label; a
+    text seen with two labels, or not listed, counts as unknown and is left out of the split.
+    """
+
+    def __init__(self, stats: GuideMaskStats, student: SentenceTransformer, labels: dict[str, str]) -> None:
+        self.stats = stats
+        ids: dict[str, int] = {}
+        by_key: dict[Key, int] = {}
+        texts = list(labels)
+        for start in range(0, len(texts), 512):
+            chunk = texts[start : start + 512]
+            for text, key in zip(chunk, feature_keys(student.preprocess(chunk)), strict=True):
+                label = ids.setdefault(labels[text], len(ids))
+                by_key[key] = label if by_key.get(key, label) == label else -1  # truncation may merge texts
+        self.by_key = by_key
+
+    def attach(self, loss: nn.Module) -> LabelledBatches:
+        loss.register_forward_pre_hook(self._before_forward)
+        return self
+
+    def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        features = args[0]
+        self.stats.column_labels = [
+            torch.tensor([self.by_key.get(key, -1) for key in feature_keys(f)], dtype=torch.long) for f in features
+        ]
 
 
 def build_loss(
@@ -197,7 +290,11 @@ def build_loss(
         loss: nn.Module = CachedGISTEmbedLoss(student, guide, mini_batch_size=cfg.mini_batch_size, **options)
     else:
         loss = GISTEmbedLoss(student, guide, **options)
-    loss.cross_entropy_loss = GuideMaskStats(self_pairs=int(cfg.contrast_anchors) + int(cfg.contrast_positives))
+    loss.cross_entropy_loss = GuideMaskStats(
+        self_pairs=int(cfg.contrast_anchors) + int(cfg.contrast_positives),
+        contrast_anchors=cfg.contrast_anchors,
+        contrast_positives=cfg.contrast_positives,
+    )
     return loss
 
 

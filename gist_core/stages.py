@@ -323,7 +323,7 @@ def _description(
     names = list(baselines)
     lines = [
         f"GISTEmbed fine-tune of {settings.base.student} guided by {settings.base.guide} "
-        f"({settings.train.loss} loss, {settings.train.max_steps} steps, batch {settings.train.batch_size}, "
+        f"({settings.train.loss} loss, {settings.train.length_description}, batch {settings.train.batch_size}, "
         f"lr {settings.train.learning_rate}).",
         f"Data: {data.path} md5 {data.md5} ({', '.join(s.name for s in settings.data.classification)}).",
         f"Params hash (base, data, train): {settings.params_hash()}; git commit {commit}.",

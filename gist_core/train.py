@@ -132,6 +132,28 @@ def build_train_dataset(triplets_path: Path, task_homogeneous: bool) -> Any:
     )
 
 
+LABEL_COLUMNS = {"anchor": "anchor_label", "positive": "positive_label", "negative": "negative_label"}
+
+
+def text_labels(triplets_path: Path) -> dict[str, str]:
+    """Each text's label, from the triplets' label columns (task-qualified, so labels of two tasks never match).
+
+    Texts seen with two different labels are left out (their label is unknown); rows without
+    labels (e.g. MEDI) add nothing. Empty when the file has no label columns.
+    """
+    frame = load_triplets(triplets_path)
+    seen: dict[str, str | None] = {}
+    for text_column, label_column in LABEL_COLUMNS.items():
+        if label_column not in frame.columns:
+            continue
+        for task, text, label in zip(frame["task_name"], frame[text_column], frame[label_column], strict=True):
+            if label is None or label != label or label == "":  # None, NaN or empty: no label
+                continue
+            qualified = f"{task}:{label}"
+            seen[text] = qualified if seen.get(text, qualified) == qualified else None
+    return {text: label for text, label in seen.items() if label is not None}
+
+
 def run_key(settings: Settings, data_md5: str, processes: int) -> str:
     """A hash of what decides a run's result: model and train settings, data version, process count."""
     cfg = settings.train.model_dump(mode="json")
@@ -182,12 +204,17 @@ def training_arguments(settings: Settings, output_dir: Path, device: str, proces
     else:
         batch_sampler = BatchSamplers(cfg.batch_sampler)
         multi_sampler = MultiDatasetBatchSamplers.PROPORTIONAL
+    # Exactly one of max_steps and num_train_epochs is set; the trainer reads max_steps=-1 as "by epochs".
+    if cfg.max_steps is not None:
+        length: dict[str, Any] = {"max_steps": cfg.max_steps}
+    else:
+        length = {"max_steps": -1, "num_train_epochs": cfg.num_train_epochs}
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
-        max_steps=cfg.max_steps,
+        **length,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps (by steps or epochs)
         batch_sampler=batch_sampler,
         multi_dataset_batch_sampler=multi_sampler,
         seed=settings.base.seed,
@@ -203,6 +230,26 @@ def training_arguments(settings: Settings, output_dir: Path, device: str, proces
         # Gathering across processes needs equal batch sizes on every process.
         dataloader_drop_last=processes > 1,
     )
+
+
+def trainer_class() -> type:
+    """``SentenceTransformerTrainer`` whose checkpoints are written by one process only.
+
+    transformers 5 calls ``Trainer._save`` on every rank and leaves the check (``args.should_save``)
+    to it; sentence-transformers' override of ``_save`` still assumes only the main process calls it.
+    Under torchrun every rank would write the model, tokenizer, model card and training arguments
+    into the same checkpoint folder at once (rank 0 alone writes the trainer state, the mark of a
+    complete checkpoint, so another rank could still be writing after it).
+    """
+    from sentence_transformers import SentenceTransformerTrainer
+
+    class _Trainer(SentenceTransformerTrainer):
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            if not self.args.should_save:
+                return
+            super()._save(output_dir, state_dict=state_dict)
+
+    return _Trainer
 
 
 class _TrainingMonitor:
@@ -240,11 +287,9 @@ class _TrainingMonitor:
                 numeric["examples_per_second"] = (state.global_step - step) * self.examples_per_step / (now - since)
             self._since = (state.global_step, now)
             if self.stats is not None:
-                fraction = self.stats.pop_masked_fraction(reduce_across_processes=True)  # every rank calls it
-                if fraction is not None:
-                    numeric["guide_masked_fraction"] = fraction
+                numeric.update(self.stats.pop_counts(reduce_across_processes=True))  # every rank calls it
             self.extras[int(state.global_step)] = {
-                k: v for k, v in numeric.items() if k in ("examples_per_second", "guide_masked_fraction")
+                k: v for k, v in numeric.items() if k == "examples_per_second" or k.startswith("guide_masked")
             }
         if numeric and state.is_world_process_zero and self.on_log is not None:
             self.on_log(numeric, int(state.global_step))
@@ -282,7 +327,11 @@ def _run_folder(settings: Settings, key: str) -> Iterator[Path]:
 def load_guide(
     settings: Settings, triplets_path: Path, student: SentenceTransformer, guide_ref: ModelRef, device: str, args: Any
 ) -> tuple[Any, str]:
-    """The guide the loss uses: a guide-embedding cache (built once if needed) or the frozen model itself."""
+    """The guide the loss uses: a guide-embedding cache (built once if needed) or the frozen model itself.
+
+    ``triplets_path`` is the file the cache is built for (and checked against); the training file
+    may be another one whose texts all occur in it (e.g. the ablation's noisy copies).
+    """
     from gist_core.loss import GuideEmbeddingCache
 
     cfg = settings.train
@@ -306,16 +355,17 @@ def train(
     triplets_path: Path,
     on_log: LogFn | None = None,
     callbacks: Sequence[Any] = (),
+    guide_cache_for: Path | None = None,
 ) -> TrainResult:
     """Fine-tune the student on the triplets and save it to ``train.output_dir`` (rank 0).
 
     ``on_log(values, step)`` receives every training log on rank 0: loss, learning rate, grad norm,
-    the fraction of in-batch candidates the guide masked, examples/s. ``callbacks`` are extra
-    ``transformers.TrainerCallback`` objects.
+    the fraction of in-batch candidates the guide masked (split by label when the triplets carry
+    label columns), examples/s. ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
+    ``guide_cache_for``: the triplets file the guide-embedding cache is built for, when it is not
+    ``triplets_path`` itself but covers all its texts (default: ``triplets_path``).
     """
-    from sentence_transformers import SentenceTransformerTrainer
-
-    from gist_core.loss import build_loss
+    from gist_core.loss import LabelledBatches, build_loss, mask_stats
 
     cfg = settings.train
     processes = world_size()
@@ -332,10 +382,14 @@ def train(
         args = training_arguments(settings, run_dir, device, processes)
         guide, guide_kind = (None, "none")
         if cfg.loss == "gist":
-            guide, guide_kind = load_guide(settings, triplets_path, student, guide_ref, device, args)
+            guide, guide_kind = load_guide(settings, guide_cache_for or triplets_path, student, guide_ref, device, args)
         loss = build_loss(cfg, student, guide, gather_across_devices=processes > 1)
+        stats = mask_stats(loss)
+        labels = text_labels(triplets_path)
+        if stats is not None and labels:
+            LabelledBatches(stats, student, labels).attach(loss)
         monitor = _TrainingMonitor(loss, cfg.batch_size * processes, on_log)
-        trainer = SentenceTransformerTrainer(
+        trainer = trainer_class()(
             model=student,
             args=args,
             train_dataset=train_dataset,

@@ -46,6 +46,21 @@ def test_typed_fields_map_to_dotted_keys(settings) -> None:
     assert run_settings.root == settings.root
 
 
+def test_epochs_replace_max_steps(settings) -> None:
+    params = PipelineParameters.model_validate({"epochs": 1.5, "gate_mode": "dry_run"})  # what the UI sends
+    assert params.to_overrides(settings) == {
+        "train.num_train_epochs": 1.5,
+        "train.max_steps": None,
+        "gate.mode": "dry_run",
+    }
+    run_settings, _ = apply_parameters(settings, params)
+    assert (run_settings.train.num_train_epochs, run_settings.train.max_steps) == (1.5, None)
+    # ...and back: max_steps from the UI clears epochs set in params.yaml.
+    run_settings, dotted = apply_parameters(run_settings, PipelineParameters(max_steps=4))
+    assert dotted == {"train.max_steps": 4, "train.num_train_epochs": None}
+    assert (run_settings.train.num_train_epochs, run_settings.train.max_steps) == (None, 4)
+
+
 def test_no_parameters_keep_params_yaml(settings) -> None:
     assert apply_parameters(settings, None) == (settings, {})
     assert apply_parameters(settings, PipelineParameters()) == (settings, {})
@@ -81,7 +96,10 @@ def test_narrowing_tasks_narrows_the_required_tasks(settings) -> None:
         ({"student": ""}, "student"),
         ({"tasks": []}, "tasks"),
         ({"tasks": ["STSBenchmark", "STSBenchmark"]}, "duplicate"),
-        ({"epochs": 3}, "epochs"),
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": -1}, "epochs"),
+        ({"max_steps": 5, "epochs": 2}, "not both"),
+        ({"num_train_epochs": 3}, "num_train_epochs"),
         ({"overrides": {"max_steps": 3}}, "dotted"),
     ],
 )
@@ -102,6 +120,8 @@ def test_json_schema_lets_the_server_reject_bad_runs() -> None:
     assert schema["additionalProperties"] is False
     steps = schema["properties"]["max_steps"]["anyOf"][0]
     assert steps["minimum"] == 1 and steps["type"] == "integer"
+    epochs = schema["properties"]["epochs"]["anyOf"][0]
+    assert epochs["exclusiveMinimum"] == 0 and epochs["type"] == "number"
     assert schema["properties"]["gate_mode"]["anyOf"][0]["enum"] == ["enabled", "dry_run", "disabled"]
 
 

@@ -129,6 +129,10 @@ def test_bad_parameters_fail_the_run_before_any_work(prefect_harness) -> None:
     assert state.message.startswith("stage preflight failed: ConfigError: data_sources: unknown ['MEDI']")
     state = pipeline.gist_pipeline(root=str(REPO), params={"max_steps": 0}, return_state=True)
     assert state.is_failed() and "params.max_steps" in state.message and "greater than or equal to 1" in state.message
+    state = pipeline.gist_pipeline(root=str(REPO), params={"epochs": -1}, return_state=True)
+    assert state.is_failed() and "params.epochs" in state.message and "greater than 0" in state.message
+    state = pipeline.gist_pipeline(root=str(REPO), params={"max_steps": 3, "epochs": 1}, return_state=True)
+    assert state.is_failed() and "not both" in state.message
 
 
 def test_parallel_evaluation_fans_out_one_task_per_entry(settings, prefect_harness, monkeypatch) -> None:

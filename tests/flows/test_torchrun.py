@@ -1,16 +1,21 @@
 """The flow's torchrun launcher, for real: two CPU processes (gloo) train a tiny random BERT.
 
 What the fine-tune task runs with ``orchestration.train_launcher: torchrun``: the command from
-``flows.launch.torchrun_command`` in a subprocess, then the checkpoint's train_metrics.json.
+``flows.launch.torchrun_command`` in a subprocess, then the checkpoint's train_metrics.json. The run
+checkpoints mid-run, as the default settings do: the trainer saves its arguments, including the
+multi-process batch sampler factories (``gist_core.batching``), into every checkpoint, and only rank 0
+writes a checkpoint's files.
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flows import launch
 from flows.launch import run_torchrun
 from gist_core import registry
 from gist_core.config import load_settings
@@ -20,22 +25,23 @@ from tests.conftest import REPO, tiny_params
 pytestmark = pytest.mark.slow
 
 
-def test_torchrun_trains_with_two_processes(tmp_path: Path, models_dir: Path, tiny_model_dir: Path) -> None:
+def test_torchrun_trains_with_two_processes_and_checkpoints_mid_run(
+    tmp_path: Path, models_dir: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     params = tiny_params(models_dir, tmp_path)
     params["base"].update({"student": str(tiny_model_dir), "guide": str(tiny_model_dir)})
     params["data"]["max_per_task"] = 40
     for source in params["data"]["classification"]:
         source["path"] = str(REPO / source["path"])
     params["evaluate"]["data_dir"] = str(REPO / "data" / "raw")
-    # save_steps: null -- a mid-run checkpoint under DDP currently fails to pickle the batch sampler
-    # factory (gist_core.batching); reported to the training owner.
     # The launcher is under test, not the loss: no guide, so each rank only loads the student.
+    # save_steps 2 of 3 steps: a checkpoint mid-run (step 2) and one at the end (step 3).
     params["train"].update(
         {
-            "max_steps": 2,
+            "max_steps": 3,
             "batch_size": 4,
             "max_seq_length": 32,
-            "save_steps": None,
+            "save_steps": 2,
             "loss": "mnrl",
             "guide_cache": False,
         }
@@ -46,9 +52,22 @@ def test_torchrun_trains_with_two_processes(tmp_path: Path, models_dir: Path, ti
     run_data_stage(settings)
     run_id = registry.start_run(settings, run_name="torchrun-test")
 
+    launched: list[subprocess.CompletedProcess] = []
+    real_run = subprocess.run
+
+    def recording_run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        launched.append(real_run(*args, **kwargs))
+        return launched[-1]
+
+    monkeypatch.setattr(launch.subprocess, "run", recording_run)
     metrics = run_torchrun(settings, run_id, {"train.logging_steps": 1})
 
-    assert metrics["world_size"] == 2 and metrics["steps"] == 2, metrics
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3, metrics
+    (torchrun,) = [p for p in launched if "torch.distributed.run" in p.args]
+    # One "Saving model checkpoint" log line per checkpoint: rank 0's (every rank used to write the files).
+    saved = [line for line in torchrun.stderr.splitlines() if "Saving model checkpoint to" in line]
+    assert [Path(line.split()[-1]).name for line in saved] == ["checkpoint-2", "checkpoint-3"], torchrun.stderr[-3000:]
+    assert not any(settings.path(settings.train.checkpoints_dir).iterdir()), "removed after the final save"
     assert (settings.path(settings.train.output_dir) / "model.safetensors").is_file()
     run = registry.client(settings).get_run(run_id)
     assert run.data.params["train.logging_steps"] == "1", "the flow's overrides reached every rank"

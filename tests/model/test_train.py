@@ -57,6 +57,25 @@ def test_train_writes_a_loadable_checkpoint_and_logs(
     assert SentenceTransformer(str(result.output_dir)).encode(["x"]).shape == (1, 32)
 
 
+def test_train_by_epochs(repo_root: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    few = write_triplets(repo_root, tmp_path / "few.parquet", per_task=8, seed=2)  # 24 rows, 3 tasks
+    settings = _settings(
+        repo_root,
+        tmp_path,
+        str(tiny_model_dir),
+        str(tiny_model_dir),
+        max_steps=None,
+        num_train_epochs=2,
+        batch_size=4,
+        loss="mnrl",
+        save_steps=None,
+    )
+    result = train(settings, few)
+    assert result.steps > 0
+    epochs = [entry["epoch"] for entry in result.history if "loss" in entry]
+    assert epochs[-1] == pytest.approx(2.0), "the run ends after two passes over the triplets"
+
+
 def test_guided_training_changes_minilm(repo_root: Path, tmp_path: Path, minilm_dir: Path, triplets: Path) -> None:
     from sentence_transformers import SentenceTransformer
 

@@ -69,3 +69,28 @@ def test_without_task_homogeneous_batches_tasks_mix(
     task_of = dict(zip(frame["anchor"], frame["task_name"], strict=True))
     batches, _ = _epoch_batches(repo_root, tmp_path, triplets, tiny_model_dir, homogeneous=False)
     assert any(len({task_of[values["anchor"]] for _, values in batch}) > 1 for batch in batches)
+
+
+def test_multi_process_sampler_factories_survive_a_checkpoint(tmp_path: Path) -> None:
+    """The trainer pickles its arguments into every checkpoint and logs them as JSON: the factories must allow both."""
+    import pickle
+
+    import torch
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    from gist_core.batching import GroupedProportionalFactory, SplitBatchSamplerFactory
+
+    batch_sampler, multi_sampler = SplitBatchSamplerFactory("no_duplicates", 2), GroupedProportionalFactory(2)
+    assert pickle.loads(pickle.dumps(batch_sampler)) == batch_sampler
+    assert pickle.loads(pickle.dumps(multi_sampler)) == multi_sampler
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        batch_sampler=batch_sampler,
+        multi_dataset_batch_sampler=multi_sampler,
+        use_cpu=True,
+        report_to="none",
+    )
+    torch.save(args, tmp_path / "training_args.bin")  # what a checkpoint holds
+    restored = torch.load(tmp_path / "training_args.bin", weights_only=False)
+    assert (restored.batch_sampler, restored.multi_dataset_batch_sampler) == (batch_sampler, multi_sampler)
+    assert args.to_json_string()

@@ -120,3 +120,14 @@ def test_guide_cache_command_writes_the_dvc_stage_output(
     manifest = read_manifest(tmp_path / "data/prepared/guide_cache")
     assert manifest["identity"]["data_md5"] == file_md5(triplets)
     assert manifest["identity"]["max_seq_length"] == raw["train"]["max_seq_length"]
+
+    # With the cache off the stage writes an empty placeholder (DVC stays consistent); training
+    # with the cache on treats the placeholder as stale and builds the real cache.
+    raw["train"]["guide_cache"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["guide-cache", "--root", str(tmp_path)])
+    assert result.exit_code == 0 and "no guide embeddings" in result.output, result.output
+    assert read_manifest(tmp_path / "data/prepared/guide_cache")["entries"] == 0
+    settings = _settings(repo_root, tmp_path, tiny_model_dir, max_steps=1)
+    assert train(settings, tmp_path / "data/prepared/triplets.parquet").guide == "cache"
+    assert read_manifest(tmp_path / "data/prepared/guide_cache")["entries"] > 0

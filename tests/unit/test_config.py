@@ -71,6 +71,31 @@ def test_overrides_are_validated(repo_root: Path) -> None:
         with_overrides(settings, {"gate.mode": "yolo"})
 
 
+def test_training_length_is_steps_or_epochs(repo_root: Path, tmp_path: Path) -> None:
+    raw = _raw(repo_root)
+    raw["train"].update({"max_steps": None, "num_train_epochs": 2.5})
+    settings = settings_from_dict(raw, tmp_path)
+    assert (settings.train.max_steps, settings.train.num_train_epochs) == (None, 2.5)
+    assert settings.train.length_description == "2.5 epochs"
+    assert load_settings(repo_root).train.length_description == "30 steps"
+
+    for both_or_neither, given in [
+        ({"max_steps": 30, "num_train_epochs": 1}, "both are set"),
+        ({"max_steps": None}, "neither is set"),
+    ]:
+        raw = _raw(repo_root)
+        raw["train"].update(both_or_neither)
+        with pytest.raises(ConfigError, match=rf"train\.max_steps and train\.num_train_epochs.*\({given}\)"):
+            settings_from_dict(raw, tmp_path)
+    raw = _raw(repo_root)
+    raw["train"].update({"max_steps": None, "num_train_epochs": 0})
+    with pytest.raises(ConfigError, match=r"train\.num_train_epochs: Input should be greater than 0"):
+        settings_from_dict(raw, tmp_path)
+    # An override switches to epochs by clearing max_steps in the same call.
+    changed = with_overrides(load_settings(repo_root), {"train.max_steps": None, "train.num_train_epochs": 1})
+    assert (changed.train.max_steps, changed.train.num_train_epochs) == (None, 1.0)
+
+
 def test_tracking_uri_is_absolute_and_env_wins(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(repo_root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

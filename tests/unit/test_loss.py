@@ -225,3 +225,57 @@ def test_split_and_grouped_samplers_keep_each_global_batch_one_task_without_dupl
         assert len(texts) == len(set(texts)), "a global batch repeats a text"
     sampler.set_epoch(1)
     assert list(sampler) != batches  # reshuffled per epoch, like sentence-transformers' samplers
+
+
+@pytest.mark.parametrize(("contrast_anchors", "contrast_positives"), [(True, True), (False, True), (True, False)])
+def test_masked_candidates_split_by_label(
+    student, repo_root: Path, tmp_path: Path, contrast_anchors: bool, contrast_positives: bool
+) -> None:
+    """Same-label and other-label masking rates equal a count written out from the GISTEmbed rule."""
+    from gist_core.loss import LabelledBatches
+
+    rng = np.random.default_rng(1)
+    batch = 8
+    row_labels = ["a", "b", "a", "c", "b", "a", "c", "c"]
+    neg_labels = ["a", "c", "b", "c", "a", "b", "a", "b"]  # some negatives share the anchor's label
+    columns = [[f"{role} {i}" for i in range(batch)] for role in ("anchor", "positive", "negative")]
+    labels = dict(zip(columns[0] + columns[1] + columns[2], row_labels + row_labels + neg_labels, strict=True))
+    labels["unlabelled text"] = "a"
+    features = [student.preprocess(texts) for texts in columns]
+    keys = [key for f in features for key in feature_keys(f)]
+    # Guide vectors clustered by label, so the guide masks a fair share of same-label candidates.
+    centres = {label: rng.normal(size=6) for label in "abc"}
+    column_labels = row_labels + row_labels + neg_labels
+    vectors = np.stack([centres[label] + 0.9 * rng.normal(size=6) for label in column_labels]).astype(np.float32)
+    cache = GuideEmbeddingCache(student, keys, vectors, max_seq_length=32)
+    settings = _settings(repo_root, tmp_path, contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
+    loss = build_loss(settings.train, student, cache)
+    LabelledBatches(mask_stats(loss), student, labels).attach(loss)
+    loss(features, None)
+
+    def cos(x, y):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        y = y / np.linalg.norm(y, axis=1, keepdims=True)
+        return x @ y.T
+
+    ga, gp, gn = np.split(vectors, 3)
+    ap, aa, pp, an = cos(ga, gp), cos(ga, ga), cos(gp, gp), cos(ga, gn)
+    counts = {"same": [0, 0], "other": [0, 0]}
+    for i in range(batch):
+        blocks = [(ap[i], row_labels, True), (an[i], neg_labels, False)]
+        blocks += [(aa[i], row_labels, True)] if contrast_anchors else []
+        blocks += [(pp[i], row_labels, True)] if contrast_positives else []
+        for sims, candidate_labels, skip_own in blocks:
+            for j, sim in enumerate(sims):
+                if skip_own and j == i:
+                    continue
+                kind = "same" if candidate_labels[j] == row_labels[i] else "other"
+                counts[kind][0] += int(sim > ap[i, i])
+                counts[kind][1] += 1
+    rates = mask_stats(loss).pop_counts()
+    assert counts["same"][0] > 0 and counts["other"][0] > 0, "the fixture must exercise both kinds"
+    assert rates["guide_masked_same_label"] == pytest.approx(counts["same"][0] / counts["same"][1])
+    assert rates["guide_masked_other_label"] == pytest.approx(counts["other"][0] / counts["other"][1])
+    total_masked = counts["same"][0] + counts["other"][0]
+    assert rates["guide_masked_same_label_share"] == pytest.approx(counts["same"][0] / total_masked)
+    assert rates["guide_masked_fraction"] == pytest.approx(total_masked / (counts["same"][1] + counts["other"][1]))
