@@ -118,6 +118,9 @@ def guide_cache(root: RootOpt = Path(".")) -> None:
 
     settings = _settings(root)
     manifest = run_guide_cache(settings)
+    if manifest.get("skipped"):
+        typer.echo(f"no guide embeddings ({manifest['skipped']}) -> {settings.train.guide_cache_dir}")
+        return
     typer.echo(
         f"{manifest['entries']} guide embeddings of {manifest['texts']} texts in {manifest['seconds']:.1f} s "
         f"-> {settings.train.guide_cache_dir}"
@@ -212,6 +215,34 @@ def pipeline(root: RootOpt = Path("."), overrides: SetOpt = None) -> None:
         base = result.evaluation.baseline[task]
         typer.echo(f"  {task:<28} candidate {score:.4f}  base {base:.4f}  delta {score - base:+.4f}")
     typer.echo(result.headline())
+
+
+@app.command()
+@_friendly
+def ablation(
+    root: RootOpt = Path("."),
+    overrides: SetOpt = None,
+    quick: Annotated[bool, typer.Option(help="a few-minute smoke run (2 steps, 2 seeds, STSBenchmark)")] = False,
+) -> None:
+    """Does the guide help? Train every arm of params.yaml's ``ablation`` per seed and noise level, then report."""
+    import shlex
+    import sys
+
+    from flows.ablation import AblationParameters, apply_ablation_parameters, gist_ablation
+    from gist_core.ablation import check
+    from gist_core.stages import preflight
+
+    params = AblationParameters(quick=quick, overrides=parse_overrides(overrides))
+    settings = apply_ablation_parameters(_settings(root), params)
+    preflight(settings)  # bad settings fail before Prefect starts
+    check(settings)
+    command = "gist " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["ablation"] else "gist ablation"
+    paths = gist_ablation(root=str(root.resolve()), params=params, command=command)
+    typer.echo("")
+    typer.echo("== GIST ablation finished ==")
+    typer.echo(Path(paths["markdown"]).read_text())
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
 
 
 @app.command()

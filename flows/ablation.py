@@ -1,0 +1,121 @@
+"""The ablation as a Prefect flow: prepare the data variants, one task per run, then the report.
+
+Thin over ``gist_core.ablation``: the tasks pass settings, specs and small records. Runs execute one
+after another (a 2-core machine gains nothing from running two trainings at once); each stores its
+result, so a rerun with the same settings skips the runs already done. The report is a Markdown
+artifact in the Prefect UI and, with the chart, an artifact of the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gist_core import ablation, registry, stages
+from gist_core.config import Settings, load_settings, with_overrides
+from gist_core.errors import ConfigError
+
+REPORT_KEY = "gist-ablation"
+
+
+class AblationParameters(BaseModel):
+    """Overrides of params.yaml's ``ablation`` section for one run (what the Prefect UI may send)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="GIST ablation run")
+
+    quick: bool = Field(False, description="a few-minute smoke run (2 steps, 2 seeds, 1 task); not for conclusions")
+    arms: list[str] | None = Field(None, min_length=1, description="names of ablation.arms to run (a subset)")
+    seeds: list[int] | None = Field(None, min_length=1, max_length=20, description="ablation.seeds")
+    noise_levels: list[float] | None = Field(None, min_length=1, max_length=10, description="ablation.noise_levels")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="ablation.max_steps")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="other settings, dotted key -> value")
+
+    @model_validator(mode="after")
+    def _dotted(self) -> AblationParameters:
+        for key in self.overrides:
+            if "." not in key or not all(key.split(".")):
+                raise ValueError(f"overrides: {key!r} is not a dotted setting key such as ablation.batch_size")
+        return self
+
+    def to_overrides(self, settings: Settings) -> dict[str, Any]:
+        out: dict[str, Any] = dict(ablation.QUICK_OVERRIDES) if self.quick else {}
+        if self.arms is not None:
+            known = {a.name: a for a in settings.ablation.arms}
+            unknown = [n for n in self.arms if n not in known]
+            if unknown:
+                raise ConfigError(f"arms: unknown {unknown}; params.yaml ablation.arms has: {', '.join(known)}")
+            out["ablation.arms"] = [known[n].model_dump(mode="json") for n in self.arms]
+            out["ablation.compare"] = [
+                list(pair) for pair in settings.ablation.compare if all(n in self.arms for n in pair)
+            ]
+        for name in ("seeds", "noise_levels", "max_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                out[f"ablation.{name}"] = value
+        return out | self.overrides
+
+
+def apply_ablation_parameters(settings: Settings, params: AblationParameters) -> Settings:
+    return with_overrides(settings, params.to_overrides(settings))
+
+
+@task(name="1-version-data")
+def version_data(settings: Settings) -> str:
+    """The data stage's output under DVC (``dvc repro data``; not pushed: the ablation publishes nothing)."""
+    return stages.run_version_data(settings, push=False).md5
+
+
+@task(name="1-prepare-ablation-data")
+def prepare(settings: Settings) -> dict[str, dict[str, Any]]:
+    data = ablation.prepare_data(settings)
+    for variant, info in data.items():
+        get_run_logger().info("data %s: %s (%d noisy copies)", variant, info["clean"], len(info["noise"]))
+    return data
+
+
+@task(name="2-train-and-evaluate", task_run_name="2-{spec.arm}-noise-{spec.noise}-seed-{spec.seed}")
+def run_one(
+    settings: Settings, spec: ablation.RunSpec, data: dict[str, dict[str, Any]], parent_run_id: str
+) -> ablation.RunRecord:
+    record = ablation.execute_run(settings, spec, data, parent_run_id)
+    mean = sum(record.scores.values()) / len(record.scores)
+    get_run_logger().info("%s: mean score %.4f %s", spec.label, mean, record.scores)
+    return record
+
+
+@task(name="3-report")
+def report(
+    settings: Settings, records: list[ablation.RunRecord], data: dict[str, dict[str, Any]], parent: str, command: str
+) -> dict[str, str]:
+    summary = ablation.summarize(records, settings, data)
+    paths = ablation.write_report(summary, settings, command)
+    ablation.finish_parent_run(settings, parent, summary, paths)
+    create_markdown_artifact(
+        key=REPORT_KEY, markdown=paths["markdown"].read_text(), description="Ablation: scores per arm and noise level"
+    )
+    return {name: str(path) for name, path in paths.items()}
+
+
+@flow(name="gist-ablation")
+def gist_ablation(
+    root: str = ".", params: AblationParameters = AblationParameters(), command: str = "gist ablation"
+) -> dict[str, str]:
+    """Train and score every arm, seed and noise level of ``ablation`` in params.yaml; report them side by side."""
+    settings = apply_ablation_parameters(load_settings(Path(root)), params)
+    stages.preflight(settings)  # bad parameters fail here, before any work
+    ablation.check(settings)
+    version_data(settings)
+    data = prepare(settings)
+    parent = ablation.start_parent_run(settings, command)
+    records = []
+    try:
+        for spec in ablation.plan(settings):
+            records.append(run_one(settings, spec, data, parent))
+    except BaseException:
+        registry.end_run(ablation.mlflow_store(settings), parent, "FAILED")
+        raise
+    return report(settings, records, data, parent, command)
