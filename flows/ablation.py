@@ -8,6 +8,8 @@ artifact in the Prefect UI and, with the chart, an artifact of the MLflow parent
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +91,19 @@ def run_one(
 
 @task(name="3-report")
 def report(
-    settings: Settings, records: list[ablation.RunRecord], data: dict[str, dict[str, Any]], parent: str, command: str
+    settings: Settings,
+    records: list[ablation.RunRecord],
+    data: dict[str, dict[str, Any]],
+    parent: str,
+    command: str,
+    started: float,
 ) -> dict[str, str]:
     summary = ablation.summarize(records, settings, data)
-    paths = ablation.write_report(summary, settings, command)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    reused = sum(1 for r in records if r.reused)
+    when += f", {(time.time() - started) / 60:.1f} min on {os.cpu_count()} CPU cores"
+    when += f", {reused} of {len(records)} runs reused from an earlier invocation" if reused else ""
+    paths = ablation.write_report(summary, settings, command, when)
     ablation.finish_parent_run(settings, parent, summary, paths)
     create_markdown_artifact(
         key=REPORT_KEY, markdown=paths["markdown"].read_text(), description="Ablation: scores per arm and noise level"
@@ -105,6 +116,7 @@ def gist_ablation(
     root: str = ".", params: AblationParameters = AblationParameters(), command: str = "gist ablation"
 ) -> dict[str, str]:
     """Train and score every arm, seed and noise level of ``ablation`` in params.yaml; report them side by side."""
+    started = time.time()
     settings = apply_ablation_parameters(load_settings(Path(root)), params)
     stages.preflight(settings)  # bad parameters fail here, before any work
     ablation.check(settings)
@@ -118,4 +130,4 @@ def gist_ablation(
     except BaseException:
         registry.end_run(ablation.mlflow_store(settings), parent, "FAILED")
         raise
-    return report(settings, records, data, parent, command)
+    return report(settings, records, data, parent, command, started)

@@ -3,8 +3,9 @@
 Two deployments of the ``gist-pipeline`` flow:
 - ``gist-pipeline/on-demand``: started from the Prefect UI's Run button (or ``run_deployment``),
   with the typed parameters of ``flows.parameters.PipelineParameters``;
-- ``gist-pipeline/scheduled-retrain``: on ``orchestration.schedule_cron``, reruns the pipeline on
-  the checkout's current data version with params.yaml as is; the gate decides on promotion.
+- ``gist-pipeline/scheduled-retrain``: on ``orchestration.schedule_cron``, pulls the checkout's
+  upstream (``git pull --ff-only``, ``dvc pull``) when it has one and reruns the pipeline on that
+  latest committed data version with params.yaml as is; the gate decides on promotion.
 
 Both run in this process's machine, one run at a time (the runs share the checkout's outputs).
 ``infra/prefect.yaml`` declares the same two deployments for work pools (process, Kubernetes GPU).
@@ -38,8 +39,12 @@ SCHEDULED = "scheduled-retrain"
 TAGS = ["gist"]
 
 
-def build_deployments(settings: Settings, schedule: bool = True) -> list[Any]:
-    """RunnerDeployments for this checkout: on-demand, and scheduled-retrain unless ``schedule`` is False."""
+def build_deployments(settings: Settings, schedule: bool = True, update_checkout: bool | None = None) -> list[Any]:
+    """RunnerDeployments for this checkout: on-demand, and scheduled-retrain unless ``schedule`` is False.
+
+    The scheduled run first pulls the checkout's upstream (git and DVC) so it trains on the latest
+    committed data version; ``update_checkout`` None does so when the checkout has an upstream branch.
+    """
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
@@ -61,16 +66,30 @@ def build_deployments(settings: Settings, schedule: bool = True) -> list[Any]:
     ]
     if schedule:
         cfg = settings.orchestration
+        if update_checkout is None:
+            update_checkout = has_upstream(settings.root)
+        which = "latest committed (git pull + dvc pull first)" if update_checkout else "current"
         deployments.append(
             gist_pipeline.to_deployment(
                 name=SCHEDULED,
-                description=f"Retrain on the current data version of {root} ({cfg.schedule_cron} "
+                description=f"Retrain on the {which} data version of {root} ({cfg.schedule_cron} "
                 f"{cfg.schedule_timezone}); the promotion gate decides.",
                 schedules=[Cron(cfg.schedule_cron, timezone=cfg.schedule_timezone)],
-                **common,
+                **{**common, "parameters": {**common["parameters"], "params": {"update_checkout": update_checkout}}},
             )
         )
     return deployments
+
+
+def has_upstream(root: Path) -> bool:
+    """Whether the checkout's current branch tracks a remote branch (then scheduled runs pull it first)."""
+    proc = subprocess.run(
+        ["git", "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    return proc.returncode == 0 and bool(proc.stdout.strip())
 
 
 @dataclass

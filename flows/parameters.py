@@ -49,6 +49,11 @@ class PipelineParameters(BaseModel):
         description="evaluate.tasks, e.g. STSBenchmark, Banking77Classification, EmotionClassification",
     )
     gate_mode: GateMode | None = Field(None, description="gate.mode: enabled, dry_run or disabled")
+    update_checkout: bool = Field(
+        False,
+        description="first git pull --ff-only and dvc pull: train on the latest committed data version "
+        "(the scheduled retrain sets it)",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description='any other setting as dotted key -> value, e.g. {"train.warmup_ratio": 0.05}',

@@ -22,7 +22,7 @@ from prefect.transactions import Transaction, transaction
 
 from flows import caching, launch, report
 from flows.parameters import PipelineParameters, apply_parameters
-from gist_core import registry, stages
+from gist_core import registry, stages, versioning
 from gist_core.config import Settings, load_settings, with_overrides
 from gist_core.errors import RegistryError, VersioningError
 from gist_core.gate import GateDecision
@@ -69,6 +69,20 @@ def version_data(settings: Settings) -> DataVersion:
         data = stages.run_version_data(settings)
     get_run_logger().info("data version %s (%s), remote %s", data.md5, data.path, data.remote)
     return data
+
+
+@task(name="0-update-checkout", retries=2, retry_delay_seconds=[5, 30])
+def update_checkout(root: str) -> dict[str, Any]:
+    """git pull --ff-only + dvc pull, so a scheduled run trains on the latest committed data version."""
+    update = versioning.update_checkout(Path(root))
+    get_run_logger().info(
+        "checkout %s: %s -> %s%s",
+        update.upstream,
+        update.before[:12],
+        update.after[:12],
+        "" if update.changed else " (unchanged)",
+    )
+    return update.to_dict()
 
 
 @task(name="2-fine-tune")
@@ -186,6 +200,10 @@ def gist_pipeline(root: str = ".", params: PipelineParameters = PipelineParamete
     logger = get_run_logger()
     stage = "preflight"
     try:
+        if params.update_checkout:
+            stage = "0-update-checkout"
+            update_checkout(str(root))
+            stage = "preflight"
         settings, overrides = apply_parameters(load_settings(Path(root)), params)
         stages.preflight(settings)
         stage = "1-version-data"

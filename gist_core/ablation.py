@@ -89,13 +89,14 @@ class RunRecord:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     data_file: str | None = None
     run_id: str | None = None
+    reused: bool = field(default=False, compare=False)  # read from an earlier invocation's result.json
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": RESULT_FORMAT, **asdict(self)}
+        return {"format": RESULT_FORMAT, **{k: v for k, v in asdict(self).items() if k != "reused"}}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunRecord:
-        raw = {k: v for k, v in raw.items() if k != "format"}
+        raw = {k: v for k, v in raw.items() if k not in ("format", "reused")}
         raw["loss_curve"] = [tuple(point) for point in raw.get("loss_curve") or []]
         return cls(**raw)
 
@@ -354,8 +355,21 @@ def prepare_data(settings: Settings) -> dict[str, dict[str, Any]]:
                 noisy.to_parquet(path, index=False)
                 corrupted.to_csv(path.with_suffix(CORRUPTED_SUFFIX), index=False)
                 reports.append(report.to_dict())
-        out[variant] = {"source": str(source), "clean": str(clean), "md5": file_md5(clean), "noise": reports}
+        out[variant] = {
+            "source": _relative(settings, source),
+            "clean": str(clean),
+            "md5": file_md5(clean),
+            "noise": reports,
+        }
     return out
+
+
+def _relative(settings: Settings, path: Path) -> str:
+    """A path as the report shows it: relative to the project root when inside it."""
+    try:
+        return str(path.resolve().relative_to(settings.root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 # ---------------------------------------------------------------- runs
@@ -449,6 +463,7 @@ def execute_run(
         else:
             if record.key == key:
                 log.info("%s: reusing the stored result (%s)", spec.label, stored)
+                record.reused = True
                 return record
     folder.mkdir(parents=True, exist_ok=True)
     store = mlflow_store(settings)

@@ -103,3 +103,55 @@ def git_commit(root: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+@dataclass(frozen=True)
+class CheckoutUpdate:
+    before: str
+    after: str
+    upstream: str
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+    def to_dict(self) -> dict[str, str | bool]:
+        return {**asdict(self), "changed": self.changed}
+
+
+def _git(root: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-6:])
+        raise VersioningError(f"`git {' '.join(args)}` failed in {root}:\n{detail}")
+    return proc.stdout.strip()
+
+
+def update_checkout(root: Path) -> CheckoutUpdate:
+    """Bring the checkout to its upstream's latest commit and fetch that commit's DVC outputs.
+
+    For scheduled retraining: the run then trains on the latest data version (dvc.lock, params and
+    inputs as committed upstream). ``git pull --ff-only``, then ``dvc pull --allow-missing`` (outputs
+    not in the remote are rebuilt by ``dvc repro`` afterwards). Refuses, with the reason, when the
+    checkout has uncommitted changes to tracked files, no upstream branch, or has diverged from it.
+    """
+    if not (root / ".git").exists():
+        raise VersioningError(f"{root}: not a git checkout; cannot update it to the latest commit")
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    if dirty:
+        files = ", ".join(line.split(maxsplit=1)[-1] for line in dirty.splitlines()[:5])
+        raise VersioningError(f"{root}: uncommitted changes to tracked files ({files}); commit or revert them first")
+    try:
+        upstream = _git(root, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}")
+    except VersioningError:
+        raise VersioningError(
+            f"{root}: the current branch has no upstream (set one with `git branch --set-upstream-to`), "
+            "or run without update_checkout"
+        ) from None
+    before = _git(root, "rev-parse", "HEAD")
+    _git(root, "pull", "--ff-only", "--quiet")
+    after = _git(root, "rev-parse", "HEAD")
+    if (root / ".dvc").is_dir() and default_remote(root) is not None:
+        run_dvc(root, "pull", "--allow-missing")
+    log.info("checkout %s: %s -> %s (%s)", root, before[:12], after[:12], upstream)
+    return CheckoutUpdate(before, after, upstream)

@@ -117,3 +117,5 @@ def test_a_rerun_reuses_finished_runs(ablation_run) -> None:
     proc = run([*GIST, "ablation", "--quick"], project, env=_env(tmp))
     assert "== GIST ablation finished ==" in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in results} == before
+    markdown = (project / "outputs" / "ablation-quick" / "ablation.md").read_text()
+    assert "13 of 13 runs reused from an earlier invocation" in markdown

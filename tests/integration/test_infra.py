@@ -49,10 +49,12 @@ def test_prefect_yaml_is_valid_and_matches_the_code() -> None:
     for name, deployment in deployments.items():
         path, _, function = deployment.entrypoint.partition(":")
         assert (REPO / path).is_file() and f"def {function}(" in (REPO / path).read_text()
-        assert deployment.parameters == {"root": "."}
         scheduled = name.startswith(SCHEDULED)
-        assert [s.cron for s in deployment.schedules or []] == ([cron] if scheduled else [])
         gpu = name.endswith("-gpu")
+        # the local scheduled retrain pulls the latest commit first; the GPU image is the project as built
+        pulls = {"params": {"update_checkout": True}} if scheduled and not gpu else {}
+        assert deployment.parameters == {"root": ".", **pulls}
+        assert [s.cron for s in deployment.schedules or []] == ([cron] if scheduled else [])
         assert deployment.work_pool.name == ("gist-gpu" if gpu else "gist-local")
         raw_deployment = next(d for d in raw["deployments"] if d["name"] == name)
         # local deployments run in the checkout: no image build; GPU ones use the built image

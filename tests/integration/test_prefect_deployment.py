@@ -108,6 +108,8 @@ def test_ui_run_completes_with_artifacts_and_a_registered_version(served) -> Non
         scheduled = deployments[SCHEDULED]
         assert [s.schedule.cron for s in scheduled.schedules] == ["0 3 * * 1"]
         assert deployments[ON_DEMAND].parameters == {"root": str(project.resolve())}
+        # the project has no upstream branch to pull: its scheduled retrain runs on the checkout as it is
+        assert scheduled.parameters == {"root": str(project.resolve()), "params": {"update_checkout": False}}
         assert deployments[ON_DEMAND].enforce_parameter_schema
 
         # An invalid run is refused when it is created: nothing is queued, nothing runs.

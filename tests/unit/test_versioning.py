@@ -79,3 +79,41 @@ def test_git_commit(tmp_path: Path) -> None:
     assert len(clean) == 40
     (tmp_path / "f").write_text("b")
     assert git_commit(tmp_path) == clean + "-dirty"
+
+
+def test_update_checkout_pulls_the_latest_commit_and_its_data(tmp_path: Path, models_dir: Path) -> None:
+    """A clone (the served checkout) catches up with its upstream: new params, and the data they made."""
+    from gist_core.versioning import update_checkout
+
+    upstream = make_project(tmp_path / "proj", tiny_params(models_dir, tmp_path))
+    # upstream has a remote-backed data version committed; the clone has never built it
+    params = yaml.safe_load((upstream / "params.yaml").read_text())
+    params["data"]["mining"]["positive_strategy"] = "random"  # no guide: quick
+    params["data"]["audit"]["guide_verdicts"] = False
+    (upstream / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "cheap data"], upstream)
+    clone = tmp_path / "served"
+    run(["git", "clone", "-q", str(upstream), str(clone)], tmp_path)
+    for config in (("user.email", "t@example.com"), ("user.name", "t")):
+        run(["git", "config", *config], clone)
+    unchanged = update_checkout(clone)
+    assert not unchanged.changed and unchanged.upstream.startswith("origin/")
+
+    params["data"]["max_per_task"] = 40
+    (upstream / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data = version_data(upstream, "data/prepared/triplets.parquet")  # repro + push to the shared remote
+    run(["git", "add", "-A"], upstream)
+    run(["git", "commit", "-qm", "new data version"], upstream)
+    update = update_checkout(clone)
+    assert update.changed and update.after == git_commit(upstream)
+    assert yaml.safe_load((clone / "params.yaml").read_text())["data"]["max_per_task"] == 40
+    assert lock_md5(clone, "data", "data/prepared/triplets.parquet") == data.md5
+    assert (clone / "data/prepared/triplets.parquet").is_file(), "dvc pull fetched the new version's output"
+
+    (clone / "params.yaml").write_text("# local edit\n" + (clone / "params.yaml").read_text())
+    with pytest.raises(VersioningError, match=r"uncommitted changes to tracked files \(params.yaml\)"):
+        update_checkout(clone)
+    run(["git", "checkout", "-q", "--", "params.yaml"], clone)
+    run(["git", "checkout", "-q", "-b", "local-only"], clone)
+    with pytest.raises(VersioningError, match="has no upstream"):
+        update_checkout(clone)
