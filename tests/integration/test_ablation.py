@@ -25,7 +25,10 @@ ARMS = [
     {"name": "mnrl", "train": {"loss": "mnrl"}},
     {"name": "gist", "train": {"loss": "gist", "guide_cache": True}},
     {"name": "gist-live", "train": {"loss": "gist", "guide_cache": False}},
+    # a mining variant: trains on its own re-mined data (random same-label positives)
+    {"name": "gist-randpos", "train": {"loss": "gist"}, "mining": {"positive_strategy": "random"}},
 ]
+RUNS = 1 + 4 * 2 * 2  # base once; 4 trained arms x 2 noise levels x 2 seeds
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -54,8 +57,8 @@ def test_quick_ablation_reports_every_arm_with_spreads(ablation_run) -> None:
     project, proc, _ = ablation_run
     out = project / "outputs" / "ablation-quick"
     summary = json.loads((out / "ablation.json").read_text())
-    assert summary["arms"] == ["base", "mnrl", "gist", "gist-live"] and summary["runs"] == 1 + 3 * 2 * 2
-    for arm in ("mnrl", "gist", "gist-live"):
+    assert summary["arms"] == ["base", "mnrl", "gist", "gist-live", "gist-randpos"] and summary["runs"] == RUNS
+    for arm in ("mnrl", "gist", "gist-live", "gist-randpos"):
         for noise in ("0.00", "0.40"):
             cell = summary["cells"][arm][noise]["STSBenchmark"]
             assert cell["n"] == 2 and 0 < cell["mean"] <= 1
@@ -91,6 +94,20 @@ def test_cached_and_live_guide_agree_and_masking_is_split_by_label(ablation_run)
     assert len(corrupted.read_text().splitlines()) == 1 + noise["corrupted_positive"] + noise["corrupted_negative"]
 
 
+def test_a_mining_variant_trains_on_its_own_data(ablation_run) -> None:
+    project, _, _ = ablation_run
+    out = project / "outputs" / "ablation-quick"
+    summary = json.loads((out / "ablation.json").read_text())
+    variant = summary["data"]["gist-randpos"]
+    assert variant["source"] == "outputs/ablation-quick/data/gist-randpos/prepared/triplets.parquet"
+    assert variant["md5"] != summary["data"]["default"]["md5"]
+    mined = json.loads((out / "data" / "gist-randpos" / "prepared" / "mined" / "report.json").read_text())
+    assert mined["params"]["mining"]["positive_strategy"] == "random"
+    record = json.loads((out / "runs" / "gist-randpos" / "noise-0.40" / "seed-1" / RESULT_FILE).read_text())
+    assert record["data_file"].endswith("data/gist-randpos/noise-0.40-seed-1.parquet") and record["steps"] == 2
+    assert (project / "data" / "prepared" / "triplets.parquet").is_file(), "the default data is untouched"
+
+
 def test_mlflow_holds_a_parent_run_with_a_child_per_arm_and_seed(ablation_run) -> None:
     project, _, _ = ablation_run
     settings = load_settings(project)
@@ -99,7 +116,7 @@ def test_mlflow_holds_a_parent_run_with_a_child_per_arm_and_seed(ablation_run) -
     runs = mlc.search_runs([experiment.experiment_id], max_results=100)
     [parent] = [r for r in runs if r.info.run_name == "ablation"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 13 and all(r.info.status == "FINISHED" for r in [parent, *children])
+    assert len(children) == RUNS and all(r.info.status == "FINISHED" for r in [parent, *children])
     artifacts = {a.path for a in mlc.list_artifacts(parent.info.run_id, "ablation")}
     assert artifacts == {"ablation/ablation.md", "ablation/ablation.png", "ablation/ablation.json"}
     [gist_child] = [r for r in children if r.info.run_name == "gist noise-0.40 seed-2"]
@@ -112,10 +129,10 @@ def test_mlflow_holds_a_parent_run_with_a_child_per_arm_and_seed(ablation_run) -
 def test_a_rerun_reuses_finished_runs(ablation_run) -> None:
     project, _, tmp = ablation_run
     results = sorted((project / "outputs" / "ablation-quick" / "runs").rglob(RESULT_FILE))
-    assert len(results) == 13
+    assert len(results) == RUNS
     before = {p: p.stat().st_mtime_ns for p in results}
     proc = run([*GIST, "ablation", "--quick"], project, env=_env(tmp))
     assert "== GIST ablation finished ==" in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in results} == before
     markdown = (project / "outputs" / "ablation-quick" / "ablation.md").read_text()
-    assert "13 of 13 runs reused from an earlier invocation" in markdown
+    assert f"{RUNS} of {RUNS} runs reused from an earlier invocation" in markdown
