@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gist_core import ablation, registry, stages
+from gist_core import ablation, registry, stages, versioning
 from gist_core.config import Settings, load_settings, with_overrides
 from gist_core.errors import ConfigError
 
@@ -67,8 +67,11 @@ def apply_ablation_parameters(settings: Settings, params: AblationParameters) ->
 
 @task(name="1-version-data")
 def version_data(settings: Settings) -> str:
-    """The data stage's output under DVC (``dvc repro data``; not pushed: the ablation publishes nothing)."""
-    return stages.run_version_data(settings, push=False).md5
+    """The data stage's output under DVC (``dvc repro data``; not pushed: the ablation publishes nothing).
+
+    Not the guide_cache stage: the ablation reuses that cache when it fits its data, else builds its own.
+    """
+    return versioning.version_data(settings.root, settings.data.output, push=False).md5
 
 
 @task(name="1-prepare-ablation-data")

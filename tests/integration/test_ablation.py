@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.ablation import AblationParameters, apply_ablation_parameters
 from gist_core import registry
-from gist_core.ablation import RESULT_FILE
-from gist_core.config import load_settings
+from gist_core.ablation import RESULT_FILE, execute_run, plan, run_key
+from gist_core.config import load_settings, with_overrides
 from tests.conftest import make_project, run, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -127,12 +128,20 @@ def test_mlflow_holds_a_parent_run_with_a_child_per_arm_and_seed(ablation_run) -
 
 
 def test_a_rerun_reuses_finished_runs(ablation_run) -> None:
-    project, _, tmp = ablation_run
-    results = sorted((project / "outputs" / "ablation-quick" / "runs").rglob(RESULT_FILE))
+    """Every run stored a result keyed by its settings; running it again reads it back (no training)."""
+    project, _, _ = ablation_run
+    out = project / "outputs" / "ablation-quick"
+    results = sorted((out / "runs").rglob(RESULT_FILE))
     assert len(results) == RUNS
     before = {p: p.stat().st_mtime_ns for p in results}
-    proc = run([*GIST, "ablation", "--quick"], project, env=_env(tmp))
-    assert "== GIST ablation finished ==" in proc.stdout
+    settings = apply_ablation_parameters(load_settings(project), AblationParameters(quick=True))
+    data = json.loads((out / "ablation.json").read_text())["data"]
+    specs = plan(settings)
+    assert len(specs) == RUNS
+    for spec in (specs[0], specs[-1]):  # the base arm and a trained arm
+        record = execute_run(settings, spec, data)
+        assert record.reused and record.scores
     assert {p: p.stat().st_mtime_ns for p in results} == before
-    markdown = (project / "outputs" / "ablation-quick" / "ablation.md").read_text()
-    assert f"{RUNS} of {RUNS} runs reused from an earlier invocation" in markdown
+    # a changed setting that decides the result is a different run: not reused
+    changed = with_overrides(settings, {"ablation.max_steps": 3})
+    assert run_key(changed, specs[-1], data["default"]["md5"]) != run_key(settings, specs[-1], data["default"]["md5"])
