@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from gist_core.config import PARAMS_FILE, Settings, load_settings
+from gist_core.guide_cache import file_md5
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,6 @@ def dvc_params(settings: Settings) -> dict[str, Any]:
     return {key: _lookup(dumped, key) for key in keys}
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _hash_path(digest: Any, root: Path, relative: str) -> None:
     path = root / relative
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -76,7 +69,7 @@ def _outputs_match_lock(root: Path, locked: dict[str, Any]) -> bool:
             if md5.endswith(".dir"):
                 if not path.is_dir():
                     return False
-            elif not path.is_file() or _md5(path) != md5:
+            elif not path.is_file() or file_md5(path) != md5:
                 return False
     return True
 
