@@ -82,6 +82,16 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) 
     return proc
 
 
+def cli_env(tmp: Path) -> dict[str, str]:
+    """The environment for running `gist` as a user would: its own Prefect home, the venv's scripts
+    on PATH (stage commands exec `gist`, `mlflow models serve` execs uvicorn), MLflow from params.yaml."""
+    env = dict(os.environ)
+    env["PREFECT_HOME"] = str(tmp / "prefect-home")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def tiny_params(models_dir: Path, tmp: Path) -> dict:
     """params.yaml of the repo, shrunk to a few hundred triplets and a few steps."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

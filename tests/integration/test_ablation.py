@@ -7,7 +7,6 @@ arms are base, MNRL, GIST with the guide-embedding cache and GIST with the live 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from flows.ablation import AblationParameters, apply_ablation_parameters
 from gist_core import registry
 from gist_core.ablation import RESULT_FILE, execute_run, plan, run_key
 from gist_core.config import load_settings, with_overrides
-from tests.conftest import make_project, run, tiny_params
+from tests.conftest import cli_env, make_project, run, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 GIST = [sys.executable, "-m", "gist_core"]
@@ -33,10 +32,7 @@ RUNS = 1 + 4 * 2 * 2  # base once; 4 trained arms x 2 noise levels x 2 seeds
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PREFECT_HOME"] = str(tmp / "prefect-home")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = cli_env(tmp)
     # The tiny student's matrices are so small that 2 OpenMP threads spend their time waiting for each
     # other whenever anything else runs (25x slower than 1 thread at load average 3).
     env["OMP_NUM_THREADS"] = "1"

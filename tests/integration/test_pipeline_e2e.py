@@ -6,7 +6,6 @@ Real MiniLM (student and guide), a few hundred triplets, three training steps, S
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,18 +16,14 @@ import yaml
 from gist_core import registry
 from gist_core.config import load_settings
 from gist_core.versioning import lock_md5
-from tests.conftest import make_project, run, tiny_params
+from tests.conftest import cli_env, make_project, run, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 GIST = [sys.executable, "-m", "gist_core"]
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PREFECT_HOME"] = str(tmp / "prefect-home")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
+    return cli_env(tmp)
 
 
 @pytest.fixture(scope="module")
