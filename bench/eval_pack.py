@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:  # also runs from a checkout where the package is 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gist_core.tasks import DEFAULT_DATA_DIR, LOCAL_TASKS
+    from gist_core.catalogue import DEFAULT_DATA_DIR, LOCAL_TASKS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "all-MiniLM-L6-v2")
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
+    from gist_core.evaluation.tasks import build_task
     from gist_core.models import fingerprint
-    from gist_core.tasks import build_task
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

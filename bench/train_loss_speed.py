@@ -121,7 +121,7 @@ class Trainee:
         from sentence_transformers import SentenceTransformer
 
         from gist_core.config import TrainSettings
-        from gist_core.loss import GuideEmbeddingCache, build_loss
+        from gist_core.training.loss import GuideEmbeddingCache, build_loss
 
         torch.manual_seed(0)
         self.kind = kind
@@ -155,7 +155,7 @@ class Trainee:
 def _load_shared(spec: dict[str, Any], kinds: list[str]) -> tuple[Any, Any]:
     from sentence_transformers import SentenceTransformer
 
-    from gist_core.guide_cache import read_guide_cache
+    from gist_core.training.guide_cache import read_guide_cache
 
     guide = cache = None
     if "gist-live" in kinds:
@@ -245,7 +245,7 @@ def build_cache(student_dir: Path, guide_dir: Path, texts: list[str], max_seq_le
     """Embed ``texts`` with the guide as the loss would, write the cache, and time it."""
     from sentence_transformers import SentenceTransformer
 
-    from gist_core.guide_cache import CacheIdentity, embed_like_gist_loss, write_guide_cache
+    from gist_core.training.guide_cache import CacheIdentity, embed_like_gist_loss, write_guide_cache
 
     student = SentenceTransformer(str(student_dir), device="cpu")
     student.max_seq_length = max_seq_length

@@ -17,9 +17,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gist_core import ablation, registry, stages, versioning
+from gist_core import stages, versioning
+from gist_core.ablation import plan, runner
+from gist_core.ablation import report as ablation_report
+from gist_core.ablation.plan import RunRecord, RunSpec
 from gist_core.config import Settings, load_settings, with_overrides
 from gist_core.errors import ConfigError
+from gist_core.registry import tracking
 
 REPORT_KEY = "gist-ablation"
 
@@ -44,7 +48,7 @@ class AblationParameters(BaseModel):
         return self
 
     def to_overrides(self, settings: Settings) -> dict[str, Any]:
-        out: dict[str, Any] = dict(ablation.QUICK_OVERRIDES) if self.quick else {}
+        out: dict[str, Any] = dict(plan.QUICK_OVERRIDES) if self.quick else {}
         if self.arms is not None:
             known = {a.name: a for a in settings.ablation.arms}
             unknown = [n for n in self.arms if n not in known]
@@ -76,17 +80,15 @@ def version_data(settings: Settings) -> str:
 
 @task(name="1-prepare-ablation-data")
 def prepare(settings: Settings) -> dict[str, dict[str, Any]]:
-    data = ablation.prepare_data(settings)
+    data = runner.prepare_data(settings)
     for variant, info in data.items():
         get_run_logger().info("data %s: %s (%d noisy copies)", variant, info["clean"], len(info["noise"]))
     return data
 
 
 @task(name="2-train-and-evaluate", task_run_name="2-{spec.arm}-noise-{spec.noise}-seed-{spec.seed}")
-def run_one(
-    settings: Settings, spec: ablation.RunSpec, data: dict[str, dict[str, Any]], parent_run_id: str
-) -> ablation.RunRecord:
-    record = ablation.execute_run(settings, spec, data, parent_run_id)
+def run_one(settings: Settings, spec: RunSpec, data: dict[str, dict[str, Any]], parent_run_id: str) -> RunRecord:
+    record = runner.execute_run(settings, spec, data, parent_run_id)
     mean = sum(record.scores.values()) / len(record.scores)
     get_run_logger().info("%s: mean score %.4f %s", spec.label, mean, record.scores)
     return record
@@ -95,19 +97,19 @@ def run_one(
 @task(name="3-report")
 def report(
     settings: Settings,
-    records: list[ablation.RunRecord],
+    records: list[RunRecord],
     data: dict[str, dict[str, Any]],
     parent: str,
     command: str,
     started: float,
 ) -> dict[str, str]:
-    summary = ablation.summarize(records, settings, data)
+    summary = ablation_report.summarize(records, settings, data)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     reused = sum(1 for r in records if r.reused)
     when += f", {(time.time() - started) / 60:.1f} min on {os.cpu_count()} CPU cores"
     when += f", {reused} of {len(records)} runs reused from an earlier invocation" if reused else ""
-    paths = ablation.write_report(summary, settings, command, when)
-    ablation.finish_parent_run(settings, parent, summary, paths)
+    paths = ablation_report.write_report(summary, settings, command, when)
+    runner.finish_parent_run(settings, parent, summary, paths)
     create_markdown_artifact(
         key=REPORT_KEY, markdown=paths["markdown"].read_text(), description="Ablation: scores per arm and noise level"
     )
@@ -122,15 +124,10 @@ def gist_ablation(
     started = time.time()
     settings = apply_ablation_parameters(load_settings(Path(root)), params)
     stages.preflight(settings)  # bad parameters fail here, before any work
-    ablation.check(settings)
+    plan.check(settings)
     version_data(settings)
     data = prepare(settings)
-    parent = ablation.start_parent_run(settings, command)
-    records = []
-    try:
-        for spec in ablation.plan(settings):
-            records.append(run_one(settings, spec, data, parent))
-    except BaseException:
-        registry.end_run(ablation.mlflow_store(settings), parent, "FAILED")
-        raise
+    parent = runner.start_parent_run(settings, command)
+    with tracking.failing_run_marks_failed(runner.mlflow_store(settings), parent, finish=False):
+        records = [run_one(settings, spec, data, parent) for spec in plan.plan(settings)]
     return report(settings, records, data, parent, command, started)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from gist_core.config import PARAMS_FILE, Settings, load_settings
-from gist_core.guide_cache import file_md5
+from gist_core.hashing import file_md5, update_with_file
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,10 @@ def _hash_path(digest: Any, root: Path, relative: str) -> None:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         digest.update(str(file.relative_to(root)).encode())
-        digest.update(file.read_bytes() if file.is_file() else b"<missing>")
+        if file.is_file():
+            update_with_file(digest, file)
+        else:
+            digest.update(b"<missing>")
 
 
 def _outputs_match_lock(root: Path, locked: dict[str, Any]) -> bool:

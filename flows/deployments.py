@@ -28,6 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefect import serve
+from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+from prefect.types.entrypoint import EntrypointType
+
+from flows.pipeline import gist_pipeline
 from gist_core.config import Settings
 from gist_core.errors import GistError
 
@@ -45,11 +51,6 @@ def build_deployments(settings: Settings, schedule: bool = True, update_checkout
     The scheduled run first pulls the checkout's upstream (git and DVC) so it trains on the latest
     committed data version; ``update_checkout`` None does so when the checkout has an upstream branch.
     """
-    from prefect.schedules import Cron
-    from prefect.types.entrypoint import EntrypointType
-
-    from flows.pipeline import gist_pipeline
-
     root = str(settings.root.resolve())
     common: dict[str, Any] = {
         "parameters": {"root": root},
@@ -163,8 +164,6 @@ def start_local_server(
 @contextmanager
 def prefect_api(port: int) -> Iterator[str]:
     """The Prefect API to serve against: PREFECT_API_URL when set, else a local server for the block."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if configured:
         yield configured
@@ -180,15 +179,11 @@ def prefect_api(port: int) -> Iterator[str]:
 
 
 def ui_url(api_url: str) -> str:
-    from prefect.settings import PREFECT_UI_URL
-
     return PREFECT_UI_URL.value() or api_url.rstrip("/").removesuffix("/api")
 
 
 def serve_pipeline(settings: Settings, port: int = 4200, schedule: bool = True, echo: Any = print) -> None:
     """Serve the deployments until interrupted (Ctrl-C), against PREFECT_API_URL or a local server."""
-    from prefect import serve
-
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
     with prefect_api(port) as api_url:
         deployments = build_deployments(settings, schedule=schedule)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gist_core.config import Settings
+from gist_core.training.trainer import TRAIN_METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ def torchrun_command(settings: Settings, run_id: str, overrides: dict[str, Any] 
 
 def run_torchrun(settings: Settings, run_id: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run training under torchrun and return the checkpoint's train metrics (``TrainResult.to_dict``)."""
-    from gist_core.train import TRAIN_METRICS_FILE
-
     cmd = torchrun_command(settings, run_id, overrides)
     log.info("launching %s", " ".join(cmd))
     proc = subprocess.run(cmd, cwd=settings.root, capture_output=True, text=True)

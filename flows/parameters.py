@@ -10,14 +10,12 @@ preflight as ``gist pipeline`` resolves the models and input files.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gist_core.config import Settings, with_overrides
+from gist_core.config import GateMode, Settings, with_overrides
 from gist_core.errors import ConfigError
-
-GateMode = Literal["enabled", "dry_run", "disabled"]
 
 
 class PipelineParameters(BaseModel):

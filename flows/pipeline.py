@@ -22,10 +22,12 @@ from prefect.transactions import Transaction, transaction
 
 from flows import caching, launch, report
 from flows.parameters import PipelineParameters, apply_parameters
-from gist_core import registry, stages, versioning
+from gist_core import stages, versioning
 from gist_core.config import Settings, load_settings, with_overrides
 from gist_core.errors import RegistryError, VersioningError
 from gist_core.gate import GateDecision
+from gist_core.registry import promotion, tracking, versions
+from gist_core.registry.versions import RegisteredVersion
 from gist_core.versioning import DataVersion
 
 BLOCKED_STATE = "Blocked"
@@ -132,7 +134,7 @@ def evaluate_task(settings: Settings, candidate_dir: str, champion_dir: str | No
 @task(name="4-register-and-gate", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
 def register(
     settings: Settings, run_id: str, candidate_dir: str, evaluation: stages.EvalOutput, data: DataVersion
-) -> tuple[registry.RegisteredVersion, GateDecision]:
+) -> tuple[RegisteredVersion, GateDecision]:
     return stages.run_register(settings, run_id, Path(candidate_dir), evaluation, data)
 
 
@@ -140,7 +142,7 @@ def register(
 def _revoke_promotion(txn: Transaction) -> None:
     version = txn.get("version", None)
     if version is not None:
-        done = registry.revoke_promotion(
+        done = promotion.revoke_promotion(
             txn.get("settings"), version, txn.get("previous_champion", None), "a step after the gate failed"
         )
         get_run_logger().warning("rolled back the promotion of version %s: %s", version.version, "; ".join(done))
@@ -152,12 +154,12 @@ def publish_decision(
     run_id: str,
     evaluation: stages.EvalOutput,
     decision: GateDecision,
-    version: registry.RegisteredVersion,
+    version: RegisteredVersion,
     data: DataVersion,
 ) -> dict[str, str]:
     """Artifacts for the UI, then a check that the registry holds what the gate decided."""
     links = report.publish(settings, run_id, evaluation, decision, version, data)
-    champion = registry.champion_version(settings)
+    champion = versions.champion_version(settings)
     if decision.promote and champion != version.version:
         raise RegistryError(f"gate promoted version {version.version} but champion is {champion}")
     return links
@@ -176,11 +178,11 @@ def evaluate_stage(settings: Settings, candidate_dir: str, run_id: str) -> stage
 
 def register_and_publish(
     settings: Settings, run_id: str, candidate_dir: str, evaluation: stages.EvalOutput, data: DataVersion
-) -> tuple[registry.RegisteredVersion, GateDecision]:
+) -> tuple[RegisteredVersion, GateDecision]:
     """Gate, register and publish in one transaction: if publishing fails, the promotion is rolled back."""
     with transaction() as txn:
         txn.set("settings", settings)
-        txn.set("previous_champion", registry.champion_version(settings))
+        txn.set("previous_champion", versions.champion_version(settings))
         version, decision = register(settings, run_id, candidate_dir, evaluation, data)
         txn.set("version", version)
         publish_decision(settings, run_id, evaluation, decision, version, data)
@@ -212,8 +214,8 @@ def gist_pipeline(root: str = ".", params: PipelineParameters = PipelineParamete
             version_task = version_data.with_options(refresh_cache=True)
         data = version_task(settings)
         stage = "start-mlflow-run"
-        run_id = registry.start_run(settings, run_name="gist-pipeline", tags={"data_version": data.md5})
-        with registry.failing_run_marks_failed(settings, run_id):
+        run_id = tracking.start_run(settings, run_name="gist-pipeline", tags={"data_version": data.md5})
+        with tracking.failing_run_marks_failed(settings, run_id):
             stage = "2-fine-tune"
             trained = fine_tune(settings, data, run_id, overrides)
             stage = "3-evaluate"

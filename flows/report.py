@@ -9,10 +9,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gist_core import registry
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
 from gist_core.config import Settings
 from gist_core.gate import GateDecision
+from gist_core.registry import client, tracking
+from gist_core.registry.client import is_server
+from gist_core.registry.versions import RegisteredVersion
 from gist_core.stages import EvalOutput
+from gist_core.tables import markdown_table
 from gist_core.versioning import DataVersion
 
 SCORES_KEY = "gist-scores"
@@ -52,15 +57,14 @@ def rule_rows(decision: GateDecision) -> list[dict[str, Any]]:
     ]
 
 
-def mlflow_links(settings: Settings, version: registry.RegisteredVersion, experiment_id: str) -> dict[str, str]:
+def mlflow_links(settings: Settings, version: RegisteredVersion, experiment_id: str) -> dict[str, str]:
     """UI links to the run and the model version when MLflow is a server; empty for a local store."""
     uri = settings.tracking_uri
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return {}
-    base = uri.rstrip("/")
     return {
-        RUN_LINK_KEY: f"{base}/#/experiments/{experiment_id}/runs/{version.run_id}",
-        MODEL_LINK_KEY: f"{base}/#/models/{version.name}/versions/{version.version}",
+        RUN_LINK_KEY: tracking.ui_run_url(uri, experiment_id, version.run_id),
+        MODEL_LINK_KEY: tracking.ui_version_url(uri, version.name, version.version),
     }
 
 
@@ -75,25 +79,23 @@ def report_markdown(
     run_id: str,
     evaluation: EvalOutput,
     decision: GateDecision,
-    version: registry.RegisteredVersion,
+    version: RegisteredVersion,
     data: DataVersion,
     links: dict[str, str],
 ) -> str:
     rows = score_rows(evaluation)
     columns = list(rows[0]) if rows else ["task", "candidate"]
-    lines = [
-        f"# {decision.summary()}",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * (len(columns) - 1),
-    ]
-    for row in rows:
-        cells = [row["task"]] + [_fmt(row[c], signed=c.startswith("delta")) for c in columns[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [f"# {decision.summary()}", ""]
+    lines += markdown_table(
+        columns,
+        ([row["task"]] + [_fmt(row[c], signed=c.startswith("delta")) for c in columns[1:]] for row in rows),
+        align=["left"] + ["right"] * (len(columns) - 1),
+    )
     lines += ["", f"## Gate (mode `{decision.mode}`, baseline `{decision.baseline_label}`)", ""]
     if decision.rules:
-        lines += ["| rule | outcome | detail |", "|---|---|---|"]
-        lines += [f"| `{r['rule']}` | {r['outcome']} | {r['detail']} |" for r in rule_rows(decision)]
+        lines += markdown_table(
+            ["rule", "outcome", "detail"], ([f"`{r['rule']}`", r["outcome"], r["detail"]] for r in rule_rows(decision))
+        )
     else:
         lines.append("No rules applied (gate disabled).")
     run_ref = links.get(RUN_LINK_KEY)
@@ -117,13 +119,11 @@ def publish(
     run_id: str,
     evaluation: EvalOutput,
     decision: GateDecision,
-    version: registry.RegisteredVersion,
+    version: RegisteredVersion,
     data: DataVersion,
 ) -> dict[str, str]:
     """Create the run's artifacts; returns the links that were published."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-
-    experiment_id = registry.client(settings).get_run(run_id).info.experiment_id
+    experiment_id = client.client(settings).get_run(run_id).info.experiment_id
     links = mlflow_links(settings, version, experiment_id)
     create_table_artifact(
         key=SCORES_KEY, table=score_rows(evaluation), description="Per-task MTEB main scores and deltas"

@@ -1,7 +1,10 @@
-"""The `gist` command: one command per stage, `gist pipeline` for the whole flow, model provisioning.
+"""The `gist` command's stage commands: one per stage, model provisioning, the registry.
 
-A thin layer: every command loads settings and calls a function in gist_core.stages (or the Prefect
-flow). Problems the user can fix print one line on stderr and exit with status 1.
+A thin layer: every command loads settings and calls a function in ``gist_core.stages`` (or the
+registry package). Problems the user can fix print one line on stderr and exit with status 1.
+``flows.cli`` adds the orchestration commands (``pipeline``, ``ablation``, ``serve``) to this same
+app; that is the installed ``gist``. ``python -m gist_core`` runs this app alone (what torchrun
+launches on every rank).
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -18,7 +20,13 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 import yaml
 
-from gist_core.errors import ConfigError, GistError
+from gist_core import stages
+from gist_core.config import PARAMS_FILE, Settings, load_settings, with_overrides
+from gist_core.errors import ConfigError, GistError, ModelError
+from gist_core.models import PACKAGED_MODELS, provision
+from gist_core.registry import history, promotion, serving, tracking
+from gist_core.training.runtime import is_main_process
+from gist_core.versioning import DATA_STAGE, DataVersion, lock_md5
 
 app = typer.Typer(help="GISTEmbed training pipeline.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Offline models packaged on PyPI.", no_args_is_help=True)
@@ -38,7 +46,7 @@ SetOpt = Annotated[
 RunOpt = Annotated[str | None, typer.Option("--run-id", help="log to this MLflow run instead of a new one")]
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("GIST_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server migrates a fresh database on first use; on a loaded 2-core machine that
@@ -47,10 +55,12 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _friendly(fn: F) -> F:
+def friendly(fn: F) -> F:
+    """A command that sets up logging and turns a ``GistError`` into one ``error: ...`` line and exit 1."""
+
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _setup_logging()
+        setup_logging()
         try:
             return fn(*args, **kwargs)
         except GistError as err:
@@ -74,16 +84,15 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _settings(root: Path, overrides: list[str] | None = None):  # noqa: ANN202
-    from gist_core.config import load_settings, with_overrides
-
+def cli_settings(root: Path, overrides: list[str] | None = None) -> Settings:
+    """params.yaml of ``root`` with the ``--set`` overrides applied."""
     settings = load_settings(root)
     parsed = parse_overrides(overrides)
     return with_overrides(settings, parsed) if parsed else settings
 
 
 @app.command()
-@_friendly
+@friendly
 def data(
     root: RootOpt = Path("."),
     step: Annotated[
@@ -92,14 +101,12 @@ def data(
     ] = "all",
 ) -> None:
     """Build the training triplets: mine the classification sets, add MEDI, audit (`dvc repro data` runs both steps)."""
-    from gist_core.stages import run_data_stage, run_mine_stage
-
-    settings = _settings(root)
+    settings = cli_settings(root)
     if step == "mine":
-        mined = run_mine_stage(settings)
+        mined = stages.run_mine_stage(settings)
         typer.echo(f"{len(mined.triplets)} mined triplets -> {settings.data.mined}")
         return
-    report = run_data_stage(settings, mine=step == "all")
+    report = stages.run_data_stage(settings, mine=step == "all")
     totals = report.totals
     typer.echo(
         f"{totals['kept']} triplets from {totals['input_rows']} rows "
@@ -111,13 +118,11 @@ def data(
 
 
 @app.command("guide-cache")
-@_friendly
+@friendly
 def guide_cache(root: RootOpt = Path(".")) -> None:
     """Embed every training text with the frozen guide once (the DVC `guide_cache` stage runs this)."""
-    from gist_core.stages import run_guide_cache
-
-    settings = _settings(root)
-    manifest = run_guide_cache(settings)
+    settings = cli_settings(root)
+    manifest = stages.run_guide_cache(settings)
     if manifest.get("skipped"):
         typer.echo(f"no guide embeddings ({manifest['skipped']}) -> {settings.train.guide_cache_dir}")
         return
@@ -128,35 +133,29 @@ def guide_cache(root: RootOpt = Path(".")) -> None:
 
 
 @app.command("version-data")
-@_friendly
+@friendly
 def version_data_cmd(root: RootOpt = Path("."), push: bool = typer.Option(True, help="push to the DVC remote")) -> None:
     """`dvc repro` the data stage, push it, and print the data version."""
-    from gist_core.stages import run_version_data
-
-    version = run_version_data(_settings(root), push=push)
+    version = stages.run_version_data(cli_settings(root), push=push)
     typer.echo(json.dumps(version.to_dict()))
 
 
 @app.command()
-@_friendly
+@friendly
 def train(root: RootOpt = Path("."), overrides: SetOpt = None, run_id: RunOpt = None) -> None:
     """Fine-tune the student on the prepared triplets (also under `torchrun` / `accelerate launch`)."""
-    from gist_core import registry
-    from gist_core.stages import run_train
-    from gist_core.train import is_main_process
-
-    settings = _settings(root, overrides)
+    settings = cli_settings(root, overrides)
     if not is_main_process():  # a torchrun replica: rank 0 alone starts the MLflow run and reports
-        run_train(settings, None, None)
+        stages.run_train(settings, None, None)
         return
-    run_id = run_id or registry.start_run(settings, run_name="gist-train")
-    with registry.failing_run_marks_failed(settings, run_id):
-        result = run_train(settings, None, run_id)
+    run_id = run_id or tracking.start_run(settings, run_name="gist-train")
+    with tracking.failing_run_marks_failed(settings, run_id):
+        result = stages.run_train(settings, None, run_id)
     typer.echo(f"trained {result.steps} steps (loss {result.train_loss:.4f}) -> {result.output_dir}; run {run_id}")
 
 
 @app.command()
-@_friendly
+@friendly
 def evaluate(
     root: RootOpt = Path("."),
     candidate: Annotated[Path | None, typer.Option(help="checkpoint folder (default: train.output_dir)")] = None,
@@ -165,10 +164,8 @@ def evaluate(
     champion: Annotated[Path | None, typer.Option(help="the current champion's model folder, to compare too")] = None,
 ) -> None:
     """Score the base model, the candidate (and a champion folder) on the evaluation tasks."""
-    from gist_core.stages import run_evaluate
-
-    settings = _settings(root, overrides)
-    out = run_evaluate(settings, candidate or settings.path(settings.train.output_dir), run_id, champion)
+    settings = cli_settings(root, overrides)
+    out = stages.run_evaluate(settings, candidate or settings.path(settings.train.output_dir), run_id, champion)
     for task, score in out.candidate.items():
         line = f"{task}: candidate {score:.4f} base {out.baseline[task]:.4f} delta {score - out.baseline[task]:+.4f}"
         if "champion" in out.baselines:
@@ -178,100 +175,33 @@ def evaluate(
 
 
 @app.command()
-@_friendly
+@friendly
 def register(root: RootOpt = Path("."), overrides: SetOpt = None, run_id: RunOpt = None) -> None:
     """Register the evaluated candidate and apply the promotion gate."""
-    from gist_core import registry
-    from gist_core.stages import EvalOutput, run_register
-    from gist_core.versioning import DATA_STAGE, DataVersion, lock_md5
-
-    settings = _settings(root, overrides)
-    evaluation = EvalOutput.read(settings.path(settings.evaluate.output))
+    settings = cli_settings(root, overrides)
+    evaluation = stages.EvalOutput.read(settings.path(settings.evaluate.output))
     data = DataVersion(
         DATA_STAGE, settings.data.output, lock_md5(settings.root, DATA_STAGE, settings.data.output), None
     )
-    run_id = run_id or registry.start_run(settings, run_name="gist-register")
-    with registry.failing_run_marks_failed(settings, run_id):
-        version, decision = run_register(settings, run_id, settings.path(settings.train.output_dir), evaluation, data)
+    run_id = run_id or tracking.start_run(settings, run_name="gist-register")
+    with tracking.failing_run_marks_failed(settings, run_id):
+        version, decision = stages.run_register(
+            settings, run_id, settings.path(settings.train.output_dir), evaluation, data
+        )
     typer.echo(decision.summary())
     typer.echo(f"registered {version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})")
 
 
-@app.command()
-@_friendly
-def pipeline(root: RootOpt = Path("."), overrides: SetOpt = None) -> None:
-    """Run the whole Prefect flow: version data -> fine-tune -> evaluate -> register + gate."""
-    from gist_core.stages import preflight
-
-    parsed = parse_overrides(overrides)
-    preflight(_settings(root, overrides))  # fail on bad settings or inputs before Prefect starts
-    from flows.parameters import PipelineParameters
-    from flows.pipeline import gist_pipeline
-
-    result = gist_pipeline(root=str(root.resolve()), params=PipelineParameters(overrides=parsed))
-    typer.echo("")
-    typer.echo("== GIST pipeline finished ==")
-    for task, score in result.evaluation.candidate.items():
-        base = result.evaluation.baseline[task]
-        typer.echo(f"  {task:<28} candidate {score:.4f}  base {base:.4f}  delta {score - base:+.4f}")
-    typer.echo(result.headline())
-
-
-@app.command()
-@_friendly
-def ablation(
-    root: RootOpt = Path("."),
-    overrides: SetOpt = None,
-    quick: Annotated[bool, typer.Option(help="a few-minute smoke run (2 steps, 2 seeds, STSBenchmark)")] = False,
-) -> None:
-    """Does the guide help? Train every arm of params.yaml's ``ablation`` per seed and noise level, then report."""
-    import shlex
-    import sys
-
-    from flows.ablation import AblationParameters, apply_ablation_parameters, gist_ablation
-    from gist_core.ablation import check
-    from gist_core.stages import preflight
-
-    params = AblationParameters(quick=quick, overrides=parse_overrides(overrides))
-    settings = apply_ablation_parameters(_settings(root), params)
-    preflight(settings)  # bad settings fail before Prefect starts
-    check(settings)
-    command = "gist " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["ablation"] else "gist ablation"
-    paths = gist_ablation(root=str(root.resolve()), params=params, command=command)
-    typer.echo("")
-    typer.echo("== GIST ablation finished ==")
-    typer.echo(Path(paths["markdown"]).read_text())
-    for name, path in paths.items():
-        typer.echo(f"{name}: {path}")
-
-
-@app.command()
-@_friendly
-def serve(
-    root: RootOpt = Path("."),
-    port: Annotated[int, typer.Option(help="local Prefect server port (used when PREFECT_API_URL is unset)")] = 4200,
-    schedule: Annotated[bool, typer.Option(help="also serve the scheduled-retrain deployment")] = True,
-) -> None:
-    """Serve the pipeline's deployments for UI-triggered and scheduled runs (starts a Prefect server if needed)."""
-    from flows.deployments import serve_pipeline
-
-    serve_pipeline(_settings(root), port=port, schedule=schedule, echo=typer.echo)
-
-
 @models_app.command("provision")
-@_friendly
+@friendly
 def models_provision(
     names: Annotated[list[str] | None, typer.Argument(help="packaged model names (default: all)")] = None,
     root: RootOpt = Path("."),
     force: bool = typer.Option(False, help="reinstall even when present"),
 ) -> None:
     """Install the offline default models from PyPI packages into base.models_dir."""
-    from gist_core.config import load_settings
-    from gist_core.errors import ModelError
-    from gist_core.models import PACKAGED_MODELS, provision
-
     models_dir = root / "models"
-    if (root / "params.yaml").is_file():
+    if (root / PARAMS_FILE).is_file():
         settings = load_settings(root)
         models_dir = settings.path(settings.base.models_dir)
     for name in names or list(PACKAGED_MODELS):
@@ -283,8 +213,6 @@ def models_provision(
 @models_app.command("list")
 def models_list() -> None:
     """The packaged model short names and the PyPI packages that carry them."""
-    from gist_core.models import PACKAGED_MODELS
-
     for model in PACKAGED_MODELS.values():
         typer.echo(f"{model.name:<20} {model.hub_id:<42} {' '.join(model.packages)}")
 
@@ -296,17 +224,17 @@ TrackingOpt = Annotated[
 ]
 
 
-def _registry_store(root: Path, tracking_uri: str | None):  # noqa: ANN202
+def _registry_store(root: Path, tracking_uri: str | None) -> Settings | str:
     """--tracking-uri, else the project's settings, else MLFLOW_TRACKING_URI (no params.yaml needed)."""
     if tracking_uri:
         return tracking_uri
-    if (root / "params.yaml").is_file() or not os.environ.get("MLFLOW_TRACKING_URI"):
-        return _settings(root)
+    if (root / PARAMS_FILE).is_file() or not os.environ.get("MLFLOW_TRACKING_URI"):
+        return cli_settings(root)
     return os.environ["MLFLOW_TRACKING_URI"]
 
 
 @registry_app.command("history")
-@_friendly
+@friendly
 def registry_history(
     name: NameArg,
     root: RootOpt = Path("."),
@@ -314,9 +242,7 @@ def registry_history(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """List versions, their gate decisions, and which version held champion when."""
-    from gist_core import registry
-
-    found = registry.history(_registry_store(root, tracking_uri), name)
+    found = history.history(_registry_store(root, tracking_uri), name)
     if as_json:
         typer.echo(json.dumps(found.to_dict(), indent=2))
     else:
@@ -324,7 +250,7 @@ def registry_history(
 
 
 @registry_app.command("encode")
-@_friendly
+@friendly
 def registry_encode(
     name: NameArg,
     texts: Annotated[list[str], typer.Argument(help="texts to embed")],
@@ -333,13 +259,11 @@ def registry_encode(
     alias: Annotated[str, typer.Option(help="alias or version number to load")] = "champion",
 ) -> None:
     """Print embeddings of TEXTS from the champion (or --alias) as JSON."""
-    from gist_core import registry
-
-    typer.echo(json.dumps(registry.encode(_registry_store(root, tracking_uri), texts, name, alias)))
+    typer.echo(json.dumps(serving.encode(_registry_store(root, tracking_uri), texts, name, alias)))
 
 
 @registry_app.command("rollback")
-@_friendly
+@friendly
 def registry_rollback(
     name: NameArg,
     root: RootOpt = Path("."),
@@ -347,11 +271,5 @@ def registry_rollback(
     reason: Annotated[str, typer.Option(help="why; recorded with the rollback")] = "",
 ) -> None:
     """Point champion back at the previous champion (recorded like any other decision)."""
-    from gist_core import registry
-
-    event = registry.rollback(_registry_store(root, tracking_uri), name, reason)
+    event = promotion.rollback(_registry_store(root, tracking_uri), name, reason)
     typer.echo(f"{name}: champion rolled back from version {event.previous} to {event.version} ({event.time})")
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app(sys.argv[1:])

@@ -11,15 +11,22 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gist_core.catalogue import HUB_PREFIX, LOCAL_TASKS
 from gist_core.errors import ConfigError
+from gist_core.hashing import json_digest
+from gist_core.readers import TableFormat
 
 PARAMS_FILE = "params.yaml"
 # The sections whose values change the trained model: their hash is the model's params lineage.
 MODEL_SECTIONS = ("base", "data", "train")
+# What the promotion gate does with its decision (params.yaml gate.mode, the UI's gate_mode).
+GateMode = Literal["enabled", "dry_run", "disabled"]
+SQLITE_PREFIX = "sqlite:///"
 
 
 class _Section(BaseModel):
@@ -38,7 +45,7 @@ class ClassificationSource(_Section):
 
     name: str = Field(min_length=1, description="task name recorded in the task_name column")
     path: str = Field(min_length=1)
-    format: Literal["csv", "tsv", "jsonl", "parquet", "lastsep"] = "csv"
+    format: TableFormat = "csv"
     text_column: str = "text"
     label_column: str = "label"
     separator: str = Field(";", min_length=1, description="for format=lastsep: split each line on its last one")
@@ -102,12 +109,12 @@ class AuditSettings(_Section):
 
 
 class DataSettings(_Section):
-    classification: list[ClassificationSource] = Field(default_factory=list)
+    classification: list[ClassificationSource] = Field(description="labelled train splits to mine ([] for none)")
     mining: MiningSettings = MiningSettings()
     medi: MediSettings | None = None
     contamination: ContaminationSettings = ContaminationSettings()
     audit: AuditSettings = AuditSettings()
-    max_per_task: int | None = Field(None, ge=1, description="cap on triplets per task (None: all)")
+    max_per_task: int | None = Field(2000, ge=1, description="cap on triplets per task (None: all)")
     max_text_chars: int = Field(20_000, ge=1, description="longer texts are quarantined")
     max_bad_fraction: float = Field(0.5, ge=0, le=1, description="fail when more of a file's rows are malformed")
     mined: str = "data/prepared/mined"
@@ -148,7 +155,7 @@ class TrainSettings(_Section):
     temperature: float = Field(0.01, gt=0)
     batch_size: int = Field(32, ge=2)
     # Training length: exactly one of the two is set (the other null).
-    max_steps: int | None = Field(40, ge=1, description="optimizer steps to train for")
+    max_steps: int | None = Field(30, ge=1, description="optimizer steps to train for")
     num_train_epochs: float | None = Field(None, gt=0, description="passes over the triplets (may be fractional)")
     learning_rate: float = Field(2e-5, gt=0, lt=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -164,7 +171,7 @@ class TrainSettings(_Section):
     guide_cache: bool = Field(True, description="look the frozen guide's embeddings up instead of running it")
     guide_cache_dir: str = "data/prepared/guide_cache"
     mini_batch_size: int | None = Field(None, ge=1, description="GradCache mini-batch (None: no GradCache)")
-    save_steps: int | None = Field(50, ge=1, description="checkpoint every N steps for resuming (None: never)")
+    save_steps: int | None = Field(10, ge=1, description="checkpoint every N steps for resuming (None: never)")
     checkpoints_dir: str = "outputs/checkpoints"
 
     @model_validator(mode="after")
@@ -230,7 +237,7 @@ class CustomClassificationTask(_CustomTask):
     type: Literal["Classification"]
     train: str = Field(min_length=1)
     test: str = Field(min_length=1)
-    format: Literal["csv", "tsv", "jsonl", "parquet", "lastsep"] = "csv"
+    format: TableFormat = "csv"
     text_column: str = "text"
     label_column: str = "label"
     separator: str = Field(";", min_length=1, description="for format=lastsep: split each line on its last one")
@@ -251,7 +258,7 @@ CustomTask = Annotated[CustomSTSTask | CustomClassificationTask | CustomRetrieva
 
 
 class EvaluateSettings(_Section):
-    # Each entry: a local task (gist_core.tasks.LOCAL_TASKS), the name of one of custom_tasks, or
+    # Each entry: a local task (gist_core.catalogue.LOCAL_TASKS), the name of one of custom_tasks, or
     # "mteb:<task or benchmark>" for mteb's official tasks from the Hugging Face Hub.
     tasks: list[str] = Field(default_factory=lambda: ["STSBenchmark", "Banking77Classification"], min_length=1)
     custom_tasks: list[CustomTask] = Field(default_factory=list)
@@ -267,8 +274,6 @@ class EvaluateSettings(_Section):
 
     @model_validator(mode="after")
     def _task_names_are_known(self) -> EvaluateSettings:
-        from gist_core.tasks import HUB_PREFIX, LOCAL_TASKS
-
         custom = [t.name for t in self.custom_tasks]
         dupes = sorted({n for n in custom if custom.count(n) > 1})
         if dupes:
@@ -301,7 +306,7 @@ class RegistrySettings(_Section):
 
 
 class GateSettings(_Section):
-    mode: Literal["enabled", "dry_run", "disabled"] = "enabled"
+    mode: GateMode = "enabled"
     baseline: Literal["champion", "base"] = Field(
         "champion", description="champion: the current champion when there is one, else the base student"
     )
@@ -310,7 +315,7 @@ class GateSettings(_Section):
         default_factory=dict, description="per MTEB task type (STS, Classification, ...): minimum mean delta"
     )
     max_task_regression: float = Field(0.01, ge=0, description="no task may drop by more than this")
-    required_tasks: list[str] = Field(default_factory=list)
+    required_tasks: list[str] = Field(default_factory=lambda: ["STSBenchmark", "Banking77Classification"])
 
 
 class OrchestrationSettings(_Section):
@@ -348,8 +353,6 @@ class OrchestrationSettings(_Section):
     @field_validator("schedule_timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
@@ -459,8 +462,6 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _required_tasks_are_evaluated(self) -> Settings:
-        from gist_core.tasks import HUB_PREFIX
-
         named = {t.removeprefix(HUB_PREFIX) for t in self.evaluate.tasks}
         missing = [t for t in self.gate.required_tasks if t not in named]
         # A "mteb:<benchmark>" entry expands to task names only known to mteb: the gate checks those.
@@ -476,11 +477,7 @@ class Settings(_Section):
     @property
     def tracking_uri(self) -> str:
         """MLFLOW_TRACKING_URI wins over params.yaml; a relative sqlite path is made absolute."""
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.registry.tracking_uri
-        prefix = "sqlite:///"
-        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-            uri = prefix + str((self.root / uri[len(prefix) :]).resolve())
-        return uri
+        return normalize_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or self.registry.tracking_uri, self.root)
 
     def stage_params(self, *sections: str) -> dict[str, Any]:
         """Flattened ``section.key`` params of the named sections, for logging."""
@@ -492,13 +489,16 @@ class Settings(_Section):
 
     def params_hash(self, *sections: str) -> str:
         """sha256 of the canonical JSON of the named sections (default: those that shape the model)."""
-        import hashlib
-        import json
-
         dumped = self.model_dump(mode="json")
         chosen = {s: dumped[s] for s in sections or MODEL_SECTIONS}
-        canonical = json.dumps(chosen, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return json_digest(chosen)
+
+
+def normalize_tracking_uri(uri: str, root: Path) -> str:
+    """A tracking URI with a relative SQLite path made absolute against ``root`` (other URIs unchanged)."""
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        return SQLITE_PREFIX + str((root / uri[len(SQLITE_PREFIX) :]).resolve())
+    return uri
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:

@@ -26,11 +26,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from statistics import fmean
-from typing import Any, Literal
+from typing import Any
 
-from gist_core.config import GateSettings
+from gist_core.config import GateMode, GateSettings
+from gist_core.tables import markdown_table
 
-Mode = Literal["enabled", "dry_run", "disabled"]
 EPSILON = 1e-9
 
 
@@ -86,7 +86,7 @@ class TaskRow:
 
 @dataclass(frozen=True)
 class GateDecision:
-    mode: Mode
+    mode: GateMode
     passed: bool
     baseline: str
     rules: tuple[RuleOutcome, ...]
@@ -135,13 +135,15 @@ class GateDecision:
 
     def markdown(self) -> str:
         """The decision for people: outcome, thresholds, candidate-vs-baseline table, each rule."""
-        lines = [f"## {self.summary()}", "", "| task | category | candidate | baseline | delta |"]
-        lines.append("|---|---|---:|---:|---:|")
-        for row in self.table:
-            lines.append(
-                f"| {row.task} | {row.category or '?'} | {_fmt(row.candidate)} | {_fmt(row.baseline)} "
-                f"| {_fmt(row.delta, signed=True)} |"
-            )
+        lines = [f"## {self.summary()}", ""]
+        lines += markdown_table(
+            ["task", "category", "candidate", "baseline", "delta"],
+            (
+                [row.task, row.category or "?", _fmt(row.candidate), _fmt(row.baseline), _fmt(row.delta, signed=True)]
+                for row in self.table
+            ),
+            align=["left", "left", "right", "right", "right"],
+        )
         lines += ["", f"Baseline: {self.baseline_label}. Thresholds: `{_compact(self.thresholds)}`", ""]
         lines += [f"- {'pass' if r.passed else 'FAIL'} `{r.rule}`: {r.detail}" for r in self.rules]
         if not self.rules:

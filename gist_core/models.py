@@ -8,7 +8,6 @@ folder under ``models_dir``. Any other reference is a local path or a Hub id (``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from gist_core.errors import ModelError
+from gist_core.hashing import folder_digest, folder_files
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -230,25 +230,36 @@ def provision(model: PackagedModel, models_dir: Path, force: bool = False) -> Pa
 
 
 def fingerprint(folder: Path) -> str:
-    """A content hash of a model folder's files (not its path): the model's identity for caching."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in NON_WEIGHT_FILES)
-    if not files:
+    """A content hash of a model folder's files (not its path): 64 hex characters."""
+    if not folder_files(folder, NON_WEIGHT_FILES):
         raise ModelError(f"{folder}: empty model folder")
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode())
-        file_hash = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                file_hash.update(chunk)
-        digest.update(file_hash.digest())
-    return digest.hexdigest()
+    return folder_digest(folder, NON_WEIGHT_FILES)
+
+
+def model_fingerprint(model: ModelRef) -> str:
+    """A model's identity in every cache key, tag and log: the one format.
+
+    A local folder: ``fingerprint`` of its files. A Hub id: the fingerprint of its local snapshot
+    when one is downloaded, else ``hub-<org>__<name>`` (weaker: the id, not the weights; a single
+    path component, so it can name a cache folder).
+    """
+    if model.is_local:
+        return fingerprint(Path(model.location))
+    # deferred: huggingface_hub is only needed for Hub models
+    from huggingface_hub import snapshot_download
+
+    try:
+        return fingerprint(Path(snapshot_download(model.location, local_files_only=True)))
+    except Exception as err:  # noqa: BLE001 - any lookup failure: fall back to the id
+        log.warning("%s: no local snapshot to fingerprint (%s); identified by its id only", model.location, err)
+        return "hub-" + model.location.replace("/", "__")
 
 
 def load_sentence_transformer(
     model: ModelRef, max_seq_length: int | None = None, device: str | None = None
 ) -> SentenceTransformer:
     """Load a SentenceTransformer; remote code is never trusted."""
+    # deferred: sentence-transformers takes seconds to import
     from sentence_transformers import SentenceTransformer
 
     try:

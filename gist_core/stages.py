@@ -13,13 +13,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gist_core import guide_cache, registry
+from gist_core.catalogue import HUB_PREFIX
 from gist_core.config import Settings
-from gist_core.data import DataReport, Mined, combine_stage, mine_stage
+from gist_core.data.audit import DataReport
+from gist_core.data.mine import Mined
+from gist_core.data.stage import data_stage, mine_stage
 from gist_core.errors import DataError, EvaluationError, RegistryError
+from gist_core.evaluation.evaluate import score_model
+from gist_core.evaluation.summary import plot_deltas, scores_to_metrics, summarize, summary_markdown, summary_metrics
+from gist_core.evaluation.tasks import build_tasks
 from gist_core.gate import GateDecision, Scorecard, choose_baseline, decide
-from gist_core.models import resolve_model
-from gist_core.train import TrainResult, is_main_process, train
+from gist_core.models import ModelRef, ensure_available, fingerprint, resolve_model
+from gist_core.registry import promotion, serving, tracking, versions
+from gist_core.registry.versions import RegisteredVersion, VersionRecord
+from gist_core.training import guide_cache
+from gist_core.training.runtime import is_main_process
+from gist_core.training.trainer import TrainResult, train
 from gist_core.versioning import DataVersion, git_commit, version_data
 
 log = logging.getLogger(__name__)
@@ -31,7 +40,7 @@ class EvalOutput:
 
     ``baseline`` is the base student's scores (``baseline_name`` "base"); ``baselines`` holds every
     baseline scored: "base" and, when a champion folder was given, "champion". ``summary`` is
-    ``gist_core.evaluate.summarize``'s (per task, per category, overall; deltas per baseline).
+    ``gist_core.evaluation.summary.summarize``'s (per task, per category, overall; deltas per baseline).
     """
 
     candidate: dict[str, float]
@@ -65,7 +74,7 @@ class PipelineResult:
     train: dict[str, Any]
     evaluation: EvalOutput
     decision: GateDecision
-    version: registry.RegisteredVersion
+    version: RegisteredVersion
     extra: dict[str, Any] = field(default_factory=dict)
 
     def headline(self) -> str:
@@ -91,8 +100,6 @@ def preflight(settings: Settings) -> None:
                 f"{settings.path(source.path)}: classification data file not found "
                 f"(params.yaml data.classification '{source.name}')"
             )
-    from gist_core.tasks import build_tasks
-
     cfg = settings.evaluate
     build_tasks(cfg.tasks, settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root)
 
@@ -107,9 +114,7 @@ def run_data_stage(settings: Settings, mine: bool = True) -> DataReport:
 
     With ``mine`` the mining step runs first; without it, the mined triplets of the last `mine` run are used.
     """
-    if mine:
-        mine_stage(settings)
-    return combine_stage(settings)
+    return data_stage(settings, mine=mine)
 
 
 def run_version_data(settings: Settings, push: bool = True) -> DataVersion:
@@ -132,12 +137,12 @@ def run_train(settings: Settings, data: DataVersion | None, run_id: str | None) 
     if not is_main_process():
         run_id = None
     triplets = settings.path(data.path if data else settings.data.output)
-    on_log = registry.metric_logger(settings, run_id) if run_id else None
+    on_log = tracking.metric_logger(settings, run_id) if run_id else None
     if run_id:
-        registry.log_params(settings, run_id, settings.stage_params("base", "train"))
+        tracking.log_params(settings, run_id, settings.stage_params("base", "train"))
     result = train(settings, triplets, on_log=on_log)
     if run_id:
-        registry.log_metrics(
+        tracking.log_metrics(
             settings,
             run_id,
             {
@@ -167,17 +172,6 @@ def run_evaluate(
     Each model's results come from the cache when its content hash, the task revisions and the
     mteb version are unchanged, so the base model and the champion are scored once.
     """
-    from gist_core.evaluate import (
-        plot_deltas,
-        score_model,
-        scores_to_metrics,
-        summarize,
-        summary_markdown,
-        summary_metrics,
-    )
-    from gist_core.models import ModelRef, ensure_available
-    from gist_core.tasks import build_tasks
-
     cfg = settings.evaluate
     tasks = build_tasks(cfg.tasks, settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root)
     student = resolve_model(settings.base.student, settings.path(settings.base.models_dir), settings.root)
@@ -221,10 +215,10 @@ def run_evaluate(
     paths["markdown"].write_text(markdown)
     plot_deltas(summary, paths["chart"])
     if run_id:
-        registry.log_metrics(settings, run_id, summary_metrics(summary))
-        registry.log_artifact_dict(settings, run_id, summary, "evaluation/summary.json")
-        registry.log_artifact_text(settings, run_id, markdown, "evaluation/summary.md")
-        registry.log_artifact_file(settings, run_id, paths["chart"], "evaluation/deltas.png")
+        tracking.log_metrics(settings, run_id, summary_metrics(summary))
+        tracking.log_artifact_dict(settings, run_id, summary, "evaluation/summary.json")
+        tracking.log_artifact_text(settings, run_id, markdown, "evaluation/summary.md")
+        tracking.log_artifact_file(settings, run_id, paths["chart"], "evaluation/deltas.png")
     return out
 
 
@@ -236,16 +230,14 @@ def run_fetch_champion(settings: Settings) -> Path | None:
     records the version and the content hash of what was downloaded, so ``run_register`` can tell
     which registered version the evaluation's "champion" scores belong to.
     """
-    from gist_core.models import fingerprint
-
     dest = settings.path(settings.registry.champion_dir)
     marker = _champion_marker(dest)
-    record = registry.current_champion(settings) if settings.gate.baseline == "champion" else None
+    record = versions.current_champion(settings) if settings.gate.baseline == "champion" else None
     if record is None:
         shutil.rmtree(dest, ignore_errors=True)
         marker.unlink(missing_ok=True)
         return None
-    registry.download_version(settings, record.version, dest, record.name)
+    serving.download_version(settings, record.version, dest, record.name)
     marker.write_text(
         json.dumps({"name": record.name, "version": record.version, "revision": fingerprint(dest)}, indent=2) + "\n"
     )
@@ -258,7 +250,7 @@ def _champion_marker(champion_dir: Path) -> Path:
 
 def _scored_champion_version(settings: Settings, evaluation: EvalOutput) -> str | None:
     """The registered version whose files the evaluation scored as "champion" (None: unknown)."""
-    scored = (getattr(evaluation, "models", None) or {}).get("champion") or {}
+    scored = evaluation.models.get("champion") or {}
     try:
         marker = json.loads(_champion_marker(settings.path(settings.registry.champion_dir)).read_text())
     except (OSError, ValueError):
@@ -272,8 +264,6 @@ def _scored_champion_version(settings: Settings, evaluation: EvalOutput) -> str 
 
 def _candidate_scorecard(settings: Settings, evaluation: EvalOutput) -> Scorecard:
     """The candidate's scores and what they were computed with; a configured task left unscored failed."""
-    from gist_core.tasks import HUB_PREFIX
-
     unscored = [t for t in settings.evaluate.tasks if not t.startswith(HUB_PREFIX) and t not in evaluation.candidate]
     return Scorecard(
         "candidate",
@@ -284,7 +274,7 @@ def _candidate_scorecard(settings: Settings, evaluation: EvalOutput) -> Scorecar
     )
 
 
-def gate_decision(settings: Settings, evaluation: EvalOutput, champion: registry.VersionRecord | None) -> GateDecision:
+def gate_decision(settings: Settings, evaluation: EvalOutput, champion: VersionRecord | None) -> GateDecision:
     """The gate's decision for an evaluation, against ``champion`` when there is one (else the base model).
 
     The champion's scores are the ones this evaluation computed when it scored that very version
@@ -292,7 +282,7 @@ def gate_decision(settings: Settings, evaluation: EvalOutput, champion: registry
     the ``comparable`` rule then checks its recorded task revisions and mteb version.
     """
     candidate = _candidate_scorecard(settings, evaluation)
-    baselines = getattr(evaluation, "baselines", None) or {}
+    baselines = evaluation.baselines
     base = Scorecard(
         "base", baselines.get("base") or evaluation.baseline, evaluation.task_revisions, evaluation.mteb_version
     )
@@ -307,11 +297,9 @@ def gate_decision(settings: Settings, evaluation: EvalOutput, champion: registry
                 version=champion.version,
             )
         else:
-            champ = registry.champion_scorecard(settings, champion)
+            champ = versions.champion_scorecard(settings, champion)
     categories = dict(champion.categories if champion else {})
-    categories |= getattr(evaluation, "categories", None) or {
-        t: row.get("category") for t, row in evaluation.summary.get("tasks", {}).items() if row.get("category")
-    }
+    categories |= evaluation.categories
     baseline = choose_baseline(base, champ, settings.gate)
     return decide(candidate, baseline, settings.gate, categories=categories)
 
@@ -319,7 +307,7 @@ def gate_decision(settings: Settings, evaluation: EvalOutput, champion: registry
 def _description(
     settings: Settings, data: DataVersion, evaluation: EvalOutput, decision: GateDecision, commit: str
 ) -> str:
-    baselines = getattr(evaluation, "baselines", None) or {"base": evaluation.baseline}
+    baselines = evaluation.baselines or {"base": evaluation.baseline}
     names = list(baselines)
     lines = [
         f"GISTEmbed fine-tune of {settings.base.student} guided by {settings.base.guide} "
@@ -342,17 +330,17 @@ def run_register(
     candidate_dir: Path,
     evaluation: EvalOutput,
     data: DataVersion,
-) -> tuple[registry.RegisteredVersion, GateDecision]:
+) -> tuple[RegisteredVersion, GateDecision]:
     """Decide with the gate, register the candidate with lineage tags, and apply the decision.
 
     The decision is made against the current champion (or the base model); the version is created
     with its lineage and scores in one call; ``registry.promote`` then moves the aliases as a
     compare-and-set, deciding again if the champion moved meanwhile. Returns the final decision.
     """
-    champion = registry.current_champion(settings)
+    champion = versions.current_champion(settings)
     decision = gate_decision(settings, evaluation, champion)
     commit = git_commit(settings.root)
-    categories = getattr(evaluation, "categories", None) or {}
+    categories = evaluation.categories
     tags = {
         "data_version": data.md5,
         "data_path": data.path,
@@ -366,12 +354,12 @@ def run_register(
         "scores": json.dumps(evaluation.candidate, sort_keys=True),
         "categories": json.dumps(categories, sort_keys=True),
     }
-    registry.set_tags(settings, run_id, tags)
-    version = registry.register_model(
+    tracking.set_tags(settings, run_id, tags)
+    version = versions.register_model(
         settings, run_id, candidate_dir, tags, _description(settings, data, evaluation, decision, commit)
     )
     try:
-        promotion = registry.promote(
+        promoted = promotion.promote(
             settings,
             version,
             decision,
@@ -381,17 +369,17 @@ def run_register(
     except Exception:
         _discard_unless_champion(settings, version)
         raise
-    decision = promotion.decision
-    registry.set_tags(settings, run_id, {"gate.verdict": decision.verdict})
-    registry.log_metrics(settings, run_id, {"gate/passed": float(decision.passed)})
-    return promotion.version, decision
+    decision = promoted.decision
+    tracking.set_tags(settings, run_id, {"gate.verdict": decision.verdict})
+    tracking.log_metrics(settings, run_id, {"gate/passed": float(decision.passed)})
+    return promoted.version, decision
 
 
-def _discard_unless_champion(settings: Settings, version: registry.RegisteredVersion) -> None:
+def _discard_unless_champion(settings: Settings, version: RegisteredVersion) -> None:
     """After a failed promotion: delete the version, unless it already became champion."""
     try:
-        if registry.champion_version(settings, version.name) == version.version:
+        if versions.champion_version(settings, version.name) == version.version:
             return  # promoted before the failure: keep it (its audit trail may be incomplete)
     except RegistryError:
         return  # MLflow is down: the version stays, tagged gist.promotion=pending
-    registry.discard_version(settings, version)
+    versions.discard_version(settings, version)

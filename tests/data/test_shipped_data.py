@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,13 +10,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from gist_core.audit import build_contamination_index, normalize_text
+from gist_core.catalogue import LOCAL_TASKS
 from gist_core.config import ClassificationSource, load_settings, with_overrides
-from gist_core.data import mine_all, read_classification_source, write_mined
+from gist_core.data.classification import read_classification_source
+from gist_core.data.contamination import build_contamination_index, normalize_text
+from gist_core.data.guide_encoder import GuideEncoder
+from gist_core.data.mine import mine_all, write_mined
 from gist_core.errors import DataError
-from gist_core.mining import GuideEncoder
 from gist_core.models import load_sentence_transformer, resolve_model
-from gist_core.tasks import LOCAL_TASKS
+from tests.support.projects import REPO, cli_env, make_project, run
 
 EXPECTED_ROWS = {
     "Banking77Classification": 10003,
@@ -28,6 +26,7 @@ EXPECTED_ROWS = {
     "TweetSentimentExtractionClassification": 27480,
 }
 BUCKETS = ("quarantined", "degenerate", "duplicates", "decontaminated", "not_sampled")
+POOL, CAP = 400, 300  # texts mined per task, triplets kept per task: the default's shape, smaller
 
 
 def test_provenance_and_licences_are_shipped(repo_root: Path) -> None:
@@ -122,44 +121,29 @@ def test_a_corrupted_input_file_names_file_and_row(repo_root: Path, tmp_path: Pa
 # ---------------------------------------------------------------- the default data stage's output
 
 
-def _reproduce_data_stage(repo_root: Path) -> None:
-    """Build the default output as a user would on a fresh clone: ``dvc repro data`` in the project.
-
-    From scratch the guide (mpnet) embeds 6,000 texts: about 2.5 minutes on 2 idle cores, several
-    times that on a busy machine; later runs reuse ``.cache/guide-embeddings``.
-    """
-    if importlib.util.find_spec("dvc") is None:
-        pytest.skip("dvc is not installed in this environment: cannot run `dvc repro data`")
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # the stages call `gist`
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "data"], cwd=repo_root, capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"`dvc repro data` exited with status {proc.returncode}:\n{proc.stderr}", pytrace=False)
-
-
 @pytest.fixture(scope="module")
-def default_output(repo_root: Path) -> tuple[pd.DataFrame, dict]:
-    """The triplets and report of `dvc repro data`, which runs first when the output is absent (a fresh clone).
+def default_output(tmp_path_factory: pytest.TempPathFactory, guide_models_dir: Path):  # noqa: ANN201
+    """The triplets and report of `dvc repro data`, run as a user would in a copy of the project.
 
-    Skipped when the output on disk is not the version dvc.lock records (a working copy with changed
-    data settings): reproducing it would rewrite the user's outputs and dvc.lock.
+    The default params (the mpnet guide, every source, the contamination checks and the guide's
+    verdicts) with smaller pools, so it runs in well under a minute: the checks below are properties
+    of the stages, not of the pool size.
     """
-    settings = load_settings(repo_root)
-    path = settings.path(settings.data.output)
-    if not path.is_file():
-        _reproduce_data_stage(repo_root)
-    lock = yaml.safe_load((repo_root / "dvc.lock").read_text())
-    outs = {o["path"]: o["md5"] for o in lock["stages"]["data"]["outs"]}
-    if hashlib.md5(path.read_bytes()).hexdigest() != outs.get(settings.data.output):
-        pytest.skip(f"{path} is not the version in dvc.lock: run `dvc repro data`")
-    return pd.read_parquet(path), json.loads(settings.path(settings.data.report).read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base"]["models_dir"] = str(guide_models_dir)
+    params["data"]["mining"]["max_texts_per_task"] = POOL
+    params["data"]["mining"]["cache_dir"] = str(tmp_path_factory.mktemp("guide-embeddings"))
+    params["data"]["max_per_task"] = CAP
+    project = make_project(tmp_path_factory.mktemp("shipped") / "proj", params)
+    run([sys.executable, "-m", "dvc", "repro", "data"], project, env=cli_env(project.parent))
+    assert run([sys.executable, "-m", "dvc", "status", "data"], project).stdout.strip().endswith("up to date.")
+    settings = load_settings(project)
+    data = pd.read_parquet(settings.path(settings.data.output))
+    return data, json.loads(settings.path(settings.data.report).read_text()), settings
 
 
-def test_default_output_row_accounting(default_output, repo_root: Path) -> None:  # noqa: ANN001
-    data, report = default_output
-    settings = load_settings(repo_root)
+def test_default_output_row_accounting(default_output) -> None:  # noqa: ANN001
+    data, report, settings = default_output
     totals = report["totals"]
     assert totals["input_rows"] == sum(EXPECTED_ROWS.values())
     for source in report["sources"].values():
@@ -168,12 +152,12 @@ def test_default_output_row_accounting(default_output, repo_root: Path) -> None:
     assert totals["kept"] == len(data) == sum(report["rows_per_task"].values())
     assert report["rows_per_task"] == data["task_name"].value_counts().to_dict()
     assert set(report["rows_per_task"]) == set(EXPECTED_ROWS)
-    assert max(report["rows_per_task"].values()) <= settings.data.max_per_task
+    assert max(report["rows_per_task"].values()) == settings.data.max_per_task == CAP
     assert not data.duplicated(["anchor", "positive", "negative"]).any()
 
 
 def test_default_output_labels_and_guide(default_output) -> None:  # noqa: ANN001
-    data, report = default_output
+    data, report, _ = default_output
     assert (data["positive_label"] == data["anchor_label"]).all()
     assert (data["negative_label"] != data["anchor_label"]).all()
     assert not ((data["anchor"] == data["positive"]) | (data["anchor"] == data["negative"])).any()
@@ -185,7 +169,7 @@ def test_default_output_labels_and_guide(default_output) -> None:  # noqa: ANN00
 
 
 def test_default_output_has_no_text_of_any_evaluation_split(default_output, repo_root: Path) -> None:  # noqa: ANN001
-    data, _ = default_output
+    data, _, _ = default_output
     index = build_contamination_index(LOCAL_TASKS, repo_root / "data" / "raw")
     texts = pd.unique(data[["anchor", "positive", "negative"]].to_numpy().ravel())
     found = {t: index.where[normalize_text(t)] for t in texts if normalize_text(t) in index.where}

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from flows.parameters import PipelineParameters, apply_parameters
 from gist_core.config import OrchestrationSettings, load_settings
 from gist_core.errors import ConfigError
-from tests.conftest import REPO
+from tests.support.projects import REPO
 
 
 @pytest.fixture(scope="module")

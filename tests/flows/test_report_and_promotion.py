@@ -8,11 +8,12 @@ import pytest
 import yaml
 
 from flows import pipeline, report
-from gist_core import registry, stages
+from gist_core import stages
 from gist_core.config import settings_from_dict, with_overrides
 from gist_core.gate import GateDecision, RuleOutcome
+from gist_core.registry import client, history, promotion, tags, versions
 from gist_core.versioning import DataVersion
-from tests.conftest import REPO
+from tests.support.projects import REPO
 
 EVALUATION = stages.EvalOutput(
     candidate={"STSBenchmark": 0.83, "Banking77Classification": 0.79},
@@ -57,7 +58,7 @@ def test_score_and_rule_tables() -> None:
 
 
 def test_links_only_for_an_mlflow_server(settings) -> None:
-    version = registry.RegisteredVersion("gist-embedding", "3", "r1", (), "models:/gist-embedding/3")
+    version = versions.RegisteredVersion("gist-embedding", "3", "r1", (), "models:/gist-embedding/3")
     assert report.mlflow_links(settings, version, "1") == {}
     server = with_overrides(settings, {"registry.tracking_uri": "http://mlflow:5000/"})
     assert report.mlflow_links(server, version, "7") == {
@@ -76,20 +77,20 @@ def test_links_only_for_an_mlflow_server(settings) -> None:
     )
 
 
-def _versions(settings, count: int) -> list[registry.RegisteredVersion]:
-    mlc = registry.client(settings)
+def _versions(settings, count: int) -> list[versions.RegisteredVersion]:
+    mlc = client.client(settings)
     mlc.create_registered_model("gist-embedding")
     out = []
     for _ in range(count):
         v = mlc.create_model_version("gist-embedding", source=str(settings.root / "model"))
         out.append(
-            registry.RegisteredVersion("gist-embedding", str(v.version), "", (), f"models:/gist-embedding/{v.version}")
+            versions.RegisteredVersion("gist-embedding", str(v.version), "", (), f"models:/gist-embedding/{v.version}")
         )
     return out
 
 
 def _aliases(settings) -> dict[str, str]:
-    model = registry.client(settings).get_registered_model("gist-embedding")
+    model = client.client(settings).get_registered_model("gist-embedding")
     return {alias: str(version) for alias, version in model.aliases.items()}
 
 
@@ -97,20 +98,18 @@ def test_a_failure_after_the_gate_rolls_the_promotion_back(settings, prefect_har
     from prefect import flow
 
     first, second = _versions(settings, 2)
-    mlc = registry.client(settings)
-    for alias in ("challenger", "champion"):
-        mlc.set_registered_model_alias("gist-embedding", alias, first.version)
     passed = GateDecision("enabled", True, "base", (), {})
+    promotion.promote(settings, first, passed, expected_champion=None)
 
-    def fake_register(settings_, run_id, candidate_dir, evaluation, data):
-        for alias in ("challenger", "champion"):
-            mlc.set_registered_model_alias("gist-embedding", alias, second.version)
-        return second, passed
+    def register_through_the_gate(settings_, run_id, candidate_dir, evaluation, data):
+        promoted = promotion.promote(settings_, second, passed, expected_champion=first.version)
+        assert _aliases(settings) == {"challenger": "2", "champion": "2"}, "the promotion happened"
+        return promoted.version, promoted.decision
 
     def broken_publish(*args, **kwargs):
         raise RuntimeError("artifact store unavailable")
 
-    monkeypatch.setattr(stages, "run_register", fake_register)
+    monkeypatch.setattr(stages, "run_register", register_through_the_gate)
     monkeypatch.setattr(report, "publish", broken_publish)
 
     @flow
@@ -120,7 +119,13 @@ def test_a_failure_after_the_gate_rolls_the_promotion_back(settings, prefect_har
     state = gate_only(return_state=True)
     assert state.is_failed() and "artifact store unavailable" in state.message
     assert _aliases(settings) == {"champion": "1"}, "challenger removed, champion back on the previous version"
-    assert registry.ROLLED_BACK_TAG in registry.version_tags(settings, "2")
+    assert tags.ROLLED_BACK_TAG in versions.version_tags(settings, "2")
+    events = history.champion_events(settings, "gist-embedding")
+    assert [(e.kind, e.version, e.previous) for e in events] == [
+        ("promote", "1", None),
+        ("promote", "2", "1"),
+        ("revoke", "1", "2"),
+    ]
 
 
 def test_bad_parameters_fail_the_run_before_any_work(prefect_harness) -> None:

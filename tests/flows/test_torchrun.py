@@ -1,10 +1,11 @@
-"""The flow's torchrun launcher, for real: two CPU processes (gloo) train a tiny random BERT.
+"""The flow's torchrun launcher, for real: two CPU processes (gloo) train a tiny random BERT with the guided loss.
 
 What the fine-tune task runs with ``orchestration.train_launcher: torchrun``: the command from
-``flows.launch.torchrun_command`` in a subprocess, then the checkpoint's train_metrics.json. The run
-checkpoints mid-run, as the default settings do: the trainer saves its arguments, including the
-multi-process batch sampler factories (``gist_core.batching``), into every checkpoint, and only rank 0
-writes a checkpoint's files.
+``flows.launch.torchrun_command`` in a subprocess, then the checkpoint's train_metrics.json. DDP
+gathers the in-batch candidates across both processes; the guide is the guide-embedding cache that
+rank 0 builds. The run checkpoints mid-run, as the default settings do: the trainer saves its
+arguments, including the multi-process batch sampler factories (``gist_core.training.batching``),
+into every checkpoint, and only rank 0 writes a checkpoint's files and reports to MLflow.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import yaml
 
 from flows import launch
 from flows.launch import run_torchrun
-from gist_core import registry
 from gist_core.config import load_settings
+from gist_core.registry import client, tracking
 from gist_core.stages import run_data_stage
-from tests.conftest import REPO, tiny_params
+from tests.support.projects import REPO, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_torchrun_trains_with_two_processes_and_checkpoints_mid_run(
     for source in params["data"]["classification"]:
         source["path"] = str(REPO / source["path"])
     params["evaluate"]["data_dir"] = str(REPO / "data" / "raw")
-    # The launcher is under test, not the loss: no guide, so each rank only loads the student.
+    # The guide is the tiny model itself (same vocabulary), through the guide-embedding cache.
     # save_steps 2 of 3 steps: a checkpoint mid-run (step 2) and one at the end (step 3).
     params["train"].update(
         {
@@ -42,15 +43,15 @@ def test_torchrun_trains_with_two_processes_and_checkpoints_mid_run(
             "batch_size": 4,
             "max_seq_length": 32,
             "save_steps": 2,
-            "loss": "mnrl",
-            "guide_cache": False,
+            "loss": "gist",
+            "guide_cache": True,
         }
     )
     params["orchestration"] = {**params.get("orchestration", {}), "train_launcher": "torchrun", "nproc_per_node": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     settings = load_settings(tmp_path)
     run_data_stage(settings)
-    run_id = registry.start_run(settings, run_name="torchrun-test")
+    run_id = tracking.start_run(settings, run_name="torchrun-test")
 
     launched: list[subprocess.CompletedProcess] = []
     real_run = subprocess.run
@@ -63,12 +64,21 @@ def test_torchrun_trains_with_two_processes_and_checkpoints_mid_run(
     metrics = run_torchrun(settings, run_id, {"train.logging_steps": 1})
 
     assert metrics["world_size"] == 2 and metrics["steps"] == 3, metrics
+    assert metrics["gather_across_devices"] is True, "in-batch candidates come from both processes"
+    assert (metrics["guide"], metrics["loss"], metrics["examples"]) == ("cache", "GISTEmbedLoss", 3 * 4 * 2)
+    assert (settings.path(settings.train.guide_cache_dir) / "manifest.json").is_file(), "rank 0 built the cache"
     (torchrun,) = [p for p in launched if "torch.distributed.run" in p.args]
     # One "Saving model checkpoint" log line per checkpoint: rank 0's (every rank used to write the files).
     saved = [line for line in torchrun.stderr.splitlines() if "Saving model checkpoint to" in line]
     assert [Path(line.split()[-1]).name for line in saved] == ["checkpoint-2", "checkpoint-3"], torchrun.stderr[-3000:]
     assert not any(settings.path(settings.train.checkpoints_dir).iterdir()), "removed after the final save"
     assert (settings.path(settings.train.output_dir) / "model.safetensors").is_file()
-    run = registry.client(settings).get_run(run_id)
+    mlc = client.client(settings)
+    run = mlc.get_run(run_id)
     assert run.data.params["train.logging_steps"] == "1", "the flow's overrides reached every rank"
-    assert "train/loss" in run.data.metrics, "rank 0 logged the loss curve"
+    experiment = mlc.get_experiment_by_name(settings.registry.experiment)
+    assert len(mlc.search_runs([experiment.experiment_id])) == 1, "no rank starts a run of its own"
+    assert [m.step for m in mlc.get_metric_history(run_id, "train/loss")] == [1, 2, 3], "rank 0 alone logs"
+    masked = mlc.get_metric_history(run_id, "train/guide_masked_fraction")
+    assert len(masked) == 3 and all(0.0 <= m.value <= 1.0 for m in masked)
+    assert torchrun.stdout.count("trained 3 steps") == 1, "only rank 0 reports"

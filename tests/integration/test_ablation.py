@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from flows.ablation import AblationParameters, apply_ablation_parameters
-from gist_core import registry
-from gist_core.ablation import RESULT_FILE, execute_run, plan, run_key
+from gist_core.ablation.plan import RESULT_FILE, plan, run_key
+from gist_core.ablation.runner import execute_run
 from gist_core.config import load_settings, with_overrides
-from tests.conftest import cli_env, make_project, run, tiny_params
+from gist_core.registry import client
+from tests.support.projects import cli_env, make_project, run, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-GIST = [sys.executable, "-m", "gist_core"]
+GIST = [sys.executable, "-m", "flows"]  # the installed `gist` command
 ARMS = [
     {"name": "base", "base": True},
     {"name": "mnrl", "train": {"loss": "mnrl"}},
@@ -108,7 +109,7 @@ def test_a_mining_variant_trains_on_its_own_data(ablation_run) -> None:
 def test_mlflow_holds_a_parent_run_with_a_child_per_arm_and_seed(ablation_run) -> None:
     project, _, _ = ablation_run
     settings = load_settings(project)
-    mlc = registry.client(settings)
+    mlc = client.client(settings)
     experiment = mlc.get_experiment_by_name("gist-ablation")
     runs = mlc.search_runs([experiment.experiment_id], max_results=100)
     [parent] = [r for r in runs if r.info.run_name == "ablation"]

@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from flows.deployments import ON_DEMAND, SCHEDULED
 from gist_core.config import OrchestrationSettings, load_settings
-from tests.conftest import REPO
+from tests.support.projects import REPO
 
 INFRA = REPO / "infra"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

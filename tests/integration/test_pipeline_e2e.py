@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gist_core import registry
 from gist_core.config import load_settings
+from gist_core.registry import client
 from gist_core.versioning import lock_md5
-from tests.conftest import cli_env, make_project, run, tiny_params
+from tests.support.projects import cli_env, make_project, run, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-GIST = [sys.executable, "-m", "gist_core"]
+GIST = [sys.executable, "-m", "flows"]  # the installed `gist` command
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -43,7 +43,7 @@ def test_pipeline_registers_a_champion_with_lineage(pipeline_run) -> None:
     assert "gate passed" in out, out[-2000:]
     assert "registered gist-embedding version 1 (challenger, champion)" in out
     settings = load_settings(project)
-    mlc = registry.client(settings)
+    mlc = client.client(settings)
     version = mlc.get_model_version_by_alias("gist-embedding", "champion")
     assert str(version.version) == "1"
     data_md5 = lock_md5(project, "data", "data/prepared/triplets.parquet")
@@ -73,7 +73,7 @@ def test_blocked_registration_keeps_champion_and_records_why(pipeline_run) -> No
     proc = run([*GIST, "register", "--set", "gate.min_mean_delta=0.5"], project, env=_env(project.parent))
     assert "gate blocked" in proc.stdout and "mean delta" in proc.stdout
     settings = load_settings(project)
-    mlc = registry.client(settings)
+    mlc = client.client(settings)
     blocked = mlc.get_model_version("gist-embedding", "2")
     assert blocked.tags["gist.gate.verdict"] == "blocked"
     assert "mean delta" in blocked.tags["gist.gate.reasons"]
@@ -85,7 +85,7 @@ def test_bad_input_fails_cleanly_without_registering(pipeline_run) -> None:
     project, _ = pipeline_run
     env = _env(project.parent)
     settings = load_settings(project)
-    before = len(registry.client(settings).search_model_versions("name='gist-embedding'"))
+    before = len(client.client(settings).search_model_versions("name='gist-embedding'"))
     unknown = run([*GIST, "pipeline", "--set", "base.student=no-such-model"], project, check=False, env=env)
     assert unknown.returncode == 1
     assert unknown.stderr.strip().splitlines()[-1].startswith("error: unknown model 'no-such-model'")
@@ -102,5 +102,5 @@ def test_bad_input_fails_cleanly_without_registering(pipeline_run) -> None:
     assert missing.returncode == 1 and "emotion/train.txt" in missing.stderr
     assert "data.classification 'EmotionClassification'" in missing.stderr
     assert params["base"]["student"] == "all-MiniLM-L6-v2"
-    after = len(registry.client(settings).search_model_versions("name='gist-embedding'"))
+    after = len(client.client(settings).search_model_versions("name='gist-embedding'"))
     assert after == before

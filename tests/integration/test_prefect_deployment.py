@@ -19,9 +19,9 @@ import pytest
 
 from flows.deployments import FLOW_NAME, ON_DEMAND, SCHEDULED, start_local_server, stop_process_group
 from flows.report import REPORT_KEY, RULES_KEY, SCORES_KEY
-from gist_core import registry
 from gist_core.config import load_settings
-from tests.conftest import make_project, tiny_params
+from gist_core.registry.client import client as mlflow_client
+from tests.support.projects import make_project, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     serving = None
     try:
         serving = subprocess.Popen(
-            [sys.executable, "-m", "gist_core", "serve", "--root", str(project)],
+            [sys.executable, "-m", "flows", "serve", "--root", str(project)],
             cwd=project,
             env={**env, "PREFECT_API_URL": server.api_url},
             stdout=serve_log,
@@ -155,7 +155,7 @@ def test_ui_run_completes_with_artifacts_and_a_registered_version(served) -> Non
         assert "STSBenchmark" in str(by_key[SCORES_KEY].data)
 
     settings = load_settings(project)
-    mlc = registry.client(settings)
+    mlc = mlflow_client(settings)
     champion = mlc.get_model_version_by_alias("gist-embedding", "champion")
     assert str(champion.version) == "1"
     run = mlc.get_run(champion.run_id)

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gist_core import registry, stages
+from gist_core import stages
 from gist_core.config import settings_from_dict
 from gist_core.errors import RegistryError
+from gist_core.registry import client, history, promotion, serving, tracking, versions
 from gist_core.stages import EvalOutput
 from gist_core.versioning import DataVersion
-from tests.mlflow_store import MlflowServer, copy_db, free_port, migrated_sqlite_db, stop_process_group
+from tests.support.mlflow_store import MlflowServer, copy_db, free_port, migrated_sqlite_db, stop_process_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -97,8 +98,8 @@ def evaluation(score: float, base: float = 0.70) -> EvalOutput:
 
 
 def register(settings, model_dir: Path, score: float):
-    run_id = registry.start_run(settings, "test")
-    with registry.failing_run_marks_failed(settings, run_id):
+    run_id = tracking.start_run(settings, "test")
+    with tracking.failing_run_marks_failed(settings, run_id):
         return stages.run_register(settings, run_id, model_dir, evaluation(score), DATA)
 
 
@@ -110,23 +111,23 @@ def test_promote_block_rollback_and_consume(store, request, tmp_path: Path, tiny
     assert (d1.passed, d1.baseline_label) == (True, "base")
     assert (d2.passed, d2.baseline_label) == (True, "champion v1")
     assert (d3.passed, d3.baseline_label) == (False, "champion v2") and v3.aliases == ()
-    assert registry.champion_version(settings) == v2.version
-    blocked = registry.version_tags(settings, v3.version)
+    assert versions.champion_version(settings) == v2.version
+    blocked = versions.version_tags(settings, v3.version)
     assert blocked["gist.gate.verdict"] == "blocked" and blocked["gist.promotion"] == "done"
     assert json.loads(blocked["gist.scores"]) == {"STSBenchmark": 0.81}
 
-    hist = registry.history(settings).to_dict()
+    hist = history.history(settings).to_dict()
     assert [e["version"] for e in hist["events"]] == ["1", "2"]
     assert [v["verdict"] for v in hist["versions"]] == ["passed", "passed", "blocked"]
 
-    event = registry.rollback(settings, reason="test")
+    event = promotion.rollback(settings, reason="test")
     assert (event.previous, event.version) == (v2.version, v1.version)
-    assert registry.champion_version(settings) == v1.version
+    assert versions.champion_version(settings) == v1.version
 
     # consumers: the champion as a SentenceTransformer, embeddings as JSON, a local copy to score
-    model = registry.load_champion(store, settings.registry.model_name)
+    model = serving.load_champion(store, settings.registry.model_name)
     assert model.encode(["a", "b"]).shape == (2, 32)
-    out = registry.encode(store, ["one", "two", "three"], settings.registry.model_name)
+    out = serving.encode(store, ["one", "two", "three"], settings.registry.model_name)
     assert out["version"] == v1.version and out["dimension"] == 32 and len(out["embeddings"]) == 3
     folder = stages.run_fetch_champion(settings)
     assert folder is not None and (folder / "modules.json").is_file()
@@ -137,7 +138,7 @@ RACER = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
 
-    from gist_core import registry
+    from gist_core.registry import client, history, promotion, serving, tracking, versions
     from gist_core.config import GateSettings
     from gist_core.gate import Scorecard, decide
 
@@ -148,13 +149,13 @@ RACER = textwrap.dedent(
     def redecide(record):
         return decide(cand, record.scorecard(), policy)
 
-    first = decide(cand, registry.get_version(uri, expected, name).scorecard(), policy)
-    version = registry.RegisteredVersion(name, number, run_id, (), f"models:/{name}/{number}")
+    first = decide(cand, versions.get_version(uri, expected, name).scorecard(), policy)
+    version = versions.RegisteredVersion(name, number, run_id, (), f"models:/{name}/{number}")
     Path(out + ".ready").touch()
     while not Path(go).exists():
         time.sleep(0.005)
     start = time.time()
-    result = registry.promote(uri, version, first, expected_champion=expected, redecide=redecide)
+    result = promotion.promote(uri, version, first, expected_champion=expected, redecide=redecide)
     Path(out).write_text(json.dumps({
         "version": number,
         "first_passed": first.passed,
@@ -177,10 +178,10 @@ def test_two_processes_racing_leave_one_champion(store, request, tmp_path: Path,
     v1, _ = register(settings, tiny_model_dir, 0.80)
     candidates = {}
     for label, score in (("a", 0.83), ("b", 0.81)):
-        run_id = registry.start_run(settings, f"racer-{label}")
+        run_id = tracking.start_run(settings, f"racer-{label}")
         tags = {"scores": json.dumps({"STSBenchmark": score}), "task_revisions": json.dumps(REVS)}
         tags["mteb_version"] = "2.26.24"
-        candidates[label] = (registry.register_model(settings, run_id, tiny_model_dir, tags, label), score)
+        candidates[label] = (versions.register_model(settings, run_id, tiny_model_dir, tags, label), score)
 
     script = tmp_path / "racer.py"
     script.write_text(RACER)
@@ -205,17 +206,17 @@ def test_two_processes_racing_leave_one_champion(store, request, tmp_path: Path,
 
     a, b = (candidates[label][0].version for label in ("a", "b"))
     assert all(r["first_passed"] for r in results.values()), "both passed against v1"
-    assert registry.champion_version(settings) == a, results
+    assert versions.champion_version(settings) == a, results
     # exactly one of them found the champion moved under it and decided again
     assert sorted(r["redecided"] for r in results.values()) == [False, True], results
     for r in results.values():
         if r["passed"]:  # whoever moved champion passed against the champion it replaced
             assert r["baseline"] == r["previous"], r
     # the event log is a chain without lost updates: each move starts from the previous champion
-    events = registry.champion_events(settings)
+    events = history.champion_events(settings)
     assert events[0].version == v1.version and events[-1].version == a
     assert all(later.previous == earlier.version for earlier, later in zip(events, events[1:], strict=False))
-    aliases = {k: str(v) for k, v in registry.client(settings).get_registered_model(name).aliases.items()}
+    aliases = {k: str(v) for k, v in client.client(settings).get_registered_model(name).aliases.items()}
     assert aliases.get("champion") == a and b not in aliases.values(), (aliases, results)
     overlap = min(r["end"] for r in results.values()) - max(r["start"] for r in results.values())
     print(f"racers overlapped for {overlap:.3f} s; {results}")
@@ -231,8 +232,8 @@ def test_server_stopped_mid_registration_registers_nothing(
     srv = MlflowServer(tmp_path / "srv", template_db).start().wait_healthy()
     try:
         settings = make_settings(tmp_path, srv.uri, "gist-failure")
-        run_id = registry.start_run(settings, "doomed")
-        registry.log_metrics(settings, run_id, {"eval/STSBenchmark": 0.9})
+        run_id = tracking.start_run(settings, "doomed")
+        tracking.log_metrics(settings, run_id, {"eval/STSBenchmark": 0.9})
         real = mlflow.sentence_transformers.log_model
 
         def log_then_stop(*args, **kwargs):
@@ -247,13 +248,13 @@ def test_server_stopped_mid_registration_registers_nothing(
         assert time.monotonic() - started < 60
         # the server is down: a new registration fails cleanly from its first call
         with pytest.raises(RegistryError, match="127.0.0.1"):
-            registry.start_run(settings, "down")
+            tracking.start_run(settings, "down")
     finally:
         srv.stop()
     # read what the server stored, straight from its database
     direct = make_settings(tmp_path, f"sqlite:///{srv.db}", "gist-failure")
-    assert registry.client(direct).search_model_versions("name = 'gist-failure'") == []
-    assert registry.client(direct).get_run(run_id).data.metrics["eval/STSBenchmark"] == 0.9
+    assert client.client(direct).search_model_versions("name = 'gist-failure'") == []
+    assert client.client(direct).get_run(run_id).data.metrics["eval/STSBenchmark"] == 0.9
 
 
 def test_mlflow_models_serve_answers_for_the_champion(server, request, tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -289,6 +290,6 @@ def test_mlflow_models_serve_answers_for_the_champion(server, request, tmp_path:
         stop_process_group(proc)
     vectors = answer["predictions"]
     assert len(vectors) == 2 and all(len(v) == 32 for v in vectors)
-    expected = registry.encode(server.uri, ["How do I reset my PIN?"], settings.registry.model_name)["embeddings"][0]
+    expected = serving.encode(server.uri, ["How do I reset my PIN?"], settings.registry.model_name)["embeddings"][0]
     assert vectors[0] == pytest.approx(expected, abs=1e-5)
     assert version.aliases == ("challenger", "champion")

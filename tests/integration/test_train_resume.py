@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.model.test_train_triplets import write_triplets
+from tests.support.triplets import write_triplets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MAX_STEPS, SAVE_STEPS, KILL_AFTER = 6, 2, 4
@@ -28,7 +28,7 @@ import json, sys, time
 from pathlib import Path
 from transformers import TrainerCallback
 from gist_core.config import load_settings
-from gist_core.train import train
+from gist_core.training.trainer import train
 
 root, pause_at = Path(sys.argv[1]), int(sys.argv[2])
 

@@ -8,66 +8,19 @@ users at the local pack.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gist_core.catalogue import LOCAL_TASKS
 from gist_core.config import EvaluateSettings
 from gist_core.errors import EvaluationError
-from gist_core.tasks import LOCAL_TASKS, build_tasks, hub_tasks, task_source
+from gist_core.evaluation.tasks import build_tasks, hub_tasks, task_source
+from tests.support.custom_tasks import CUSTOM_TASKS, NAMES, write_files
 
 pytestmark = pytest.mark.slow
-
-INTENTS = {"card": ["my card is lost", "card stolen", "block my card"], "pin": ["reset pin", "forgot my pin", "pin?"]}
-
-
-def write_files(root: Path) -> None:
-    """One small data set per format the README documents."""
-    (root / "intents").mkdir(parents=True)
-    train = [(f"{text} please {i}", label) for i in range(4) for label, texts in INTENTS.items() for text in texts]
-    lines = ["utterance\tintent"] + [f"{t}\t{label}" for t, label in train]
-    (root / "intents/train.tsv").write_text("\n".join(lines) + "\n")
-    (root / "intents/test.tsv").write_text(
-        "utterance\tintent\n" + "".join(f"{t} now\t{label}\n" for label, texts in INTENTS.items() for t in texts)
-    )
-    pairs = [("a man plays guitar", "a person plays an instrument", 4.2), ("a cat sleeps", "stocks fell", 0.1)]
-    pairs += [(f"sentence {i}", f"sentence {i + 1}", float(i % 5)) for i in range(10)]
-    (root / "sts.jsonl").write_text(
-        "".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n" for a, b, s in pairs)
-    )
-    (root / "ret").mkdir()
-    docs = [{"_id": f"d{i}", "title": f"Doc {i}", "text": f"about topic {i} and more"} for i in range(30)]
-    (root / "ret/corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    queries = [{"_id": f"q{i}", "text": f"what about topic {i}?"} for i in range(8)]
-    (root / "ret/queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (root / "ret/qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8)))
-
-
-CUSTOM_TASKS: list[dict[str, Any]] = [
-    {
-        "name": "MyIntentClassification",
-        "type": "Classification",
-        "train": "intents/train.tsv",
-        "test": "intents/test.tsv",
-        "format": "tsv",
-        "text_column": "utterance",
-        "label_column": "intent",
-        "samples_per_label": 4,
-        "n_experiments": 3,
-    },
-    {"name": "MySTS", "type": "STS", "test": "sts.jsonl", "license": "cc-by-4.0", "citation": "@misc{mine}"},
-    {
-        "name": "MyRetrieval",
-        "type": "Retrieval",
-        "corpus": "ret/corpus.jsonl",
-        "queries": "ret/queries.jsonl",
-        "qrels": "ret/qrels.tsv",
-    },
-]
-NAMES = [t["name"] for t in CUSTOM_TASKS]
 
 
 def settings(**changes: Any) -> EvaluateSettings:
@@ -127,7 +80,7 @@ def test_custom_tasks_load_in_mteb_shapes(files: Path) -> None:
 
 
 def test_custom_tasks_score_and_are_cached(files: Path, tiny: Any, tmp_path: Path) -> None:
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
 
     def run() -> dict[str, Any]:
         return evaluate_model(
@@ -212,7 +165,7 @@ def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_hub_task_offline_is_a_clear_error(empty_hf_cache: None, tiny: Any, tmp_path: Path) -> None:
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
 
     tasks = build_tasks(["mteb:STSBenchmark"])
     with pytest.raises(EvaluationError) as err:
@@ -234,7 +187,7 @@ def test_hub_task_offline_is_a_clear_error(empty_hf_cache: None, tiny: Any, tmp_
 
 
 def test_bfloat16_results_are_cached_apart(files: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from gist_core.evaluate import score_model
+    from gist_core.evaluation.evaluate import score_model
     from gist_core.models import ModelRef
 
     ref = ModelRef("tiny", "path", str(tiny_model_dir))

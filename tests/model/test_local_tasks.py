@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from gist_core.catalogue import DEFAULT_DATA_DIR, LOCAL_TASKS
 from gist_core.errors import EvaluationError
-from gist_core.tasks import DEFAULT_DATA_DIR, LOCAL_TASKS, build_task, build_tasks
+from gist_core.evaluation.tasks import build_task, build_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -277,7 +278,7 @@ def counter(minilm: Any) -> Iterator[EncodeCounter]:
 @pytest.fixture(scope="module")
 def first_run(minilm: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Score STSBenchmark and Banking77 once (the slow part), on a copy of their data."""
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
 
     tmp = tmp_path_factory.mktemp("first-run")
     data_dir = _copy_data(tmp, "sts", "classification/banking77")
@@ -341,7 +342,7 @@ def test_other_local_tasks_score_end_to_end(name: str, tiny_model_dir: Path, tmp
     """The tiny random model through each remaining task: mteb runs it and stores a result (its value is noise)."""
     from sentence_transformers import SentenceTransformer
 
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
 
     model = SentenceTransformer(str(tiny_model_dir), device="cpu")
     task = build_task(name, DEFAULT_DATA_DIR)
@@ -376,7 +377,7 @@ def test_model_card_is_restored(first_run: dict[str, Any]) -> None:
 def test_same_revision_is_served_from_the_cache(
     first_run: dict[str, Any], minilm: Any, counter: EncodeCounter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
 
     def no_network(*args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"network access: {args}")
@@ -396,7 +397,7 @@ def test_same_revision_is_served_from_the_cache(
 
 
 def test_another_revision_encodes_again(first_run: dict[str, Any], minilm: Any, counter: EncodeCounter) -> None:
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
 
     counter.stop = True  # the first encode proves the cache was not used; no need to finish the run
     with pytest.raises(EvaluationError, match="STSBenchmark: evaluation failed"):
@@ -416,7 +417,7 @@ def test_changed_task_data_encodes_again(
     first_run: dict[str, Any], minilm: Any, counter: EncodeCounter, tmp_path: Path
 ) -> None:
     """Same model revision, but the task's data changed: mteb alone would serve the stale result."""
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
 
     data_dir = _copy_data(tmp_path, "sts")
     path = data_dir / "sts/stsb.test.jsonl"

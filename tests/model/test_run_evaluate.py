@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from gist_core.config import Settings, settings_from_dict
-from tests.model.test_custom_and_hub_tasks import CUSTOM_TASKS, NAMES, write_files
+from gist_core.registry import client
+from tests.support.custom_tasks import CUSTOM_TASKS, NAMES, write_files
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +56,11 @@ def project(tiny_model_dir: Path, repo_root: Path, tmp_path_factory: pytest.Temp
 
 @pytest.fixture(scope="module")
 def first(project: dict[str, Any]) -> dict[str, Any]:
-    from gist_core import registry
+    from gist_core.registry import tracking
     from gist_core.stages import run_evaluate
 
     settings: Settings = project["settings"]
-    run_id = registry.start_run(settings, "evaluate-test")
+    run_id = tracking.start_run(settings, "evaluate-test")
     out = run_evaluate(settings, project["candidate"], run_id, champion_dir=project["champion"])
     return {"out": out, "run_id": run_id}
 
@@ -94,10 +95,8 @@ def test_reports_are_written(first: dict[str, Any], project: dict[str, Any]) -> 
 
 
 def test_mlflow_gets_metrics_and_artifacts(first: dict[str, Any], project: dict[str, Any]) -> None:
-    from gist_core import registry
-
-    client = registry.client(project["settings"])
-    metrics = client.get_run(first["run_id"]).data.metrics
+    mlc = client.client(project["settings"])
+    metrics = mlc.get_run(first["run_id"]).data.metrics
     out = first["out"]
     assert metrics["eval/MySTS"] == pytest.approx(out.candidate["MySTS"])
     assert metrics["champion/MySTS"] == pytest.approx(out.baselines["champion"]["MySTS"])
@@ -107,16 +106,16 @@ def test_mlflow_gets_metrics_and_artifacts(first: dict[str, Any], project: dict[
     )
     for key in ("eval/overall", "base/overall_by_category", "delta/category/STS", "delta_champion/overall"):
         assert key in metrics, key
-    artifacts = {f.path for f in client.list_artifacts(first["run_id"], "evaluation")}
+    artifacts = {f.path for f in mlc.list_artifacts(first["run_id"], "evaluation")}
     assert artifacts == {"evaluation/summary.json", "evaluation/summary.md", "evaluation/deltas.png"}
-    local = Path(client.download_artifacts(first["run_id"], "evaluation/summary.json"))
+    local = Path(mlc.download_artifacts(first["run_id"], "evaluation/summary.json"))
     assert json.loads(local.read_text()) == out.summary
 
 
 def test_second_run_reuses_base_and_champion(
     first: dict[str, Any], project: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gist_core.encoding import DedupEncoder
+    from gist_core.evaluation.encoding import DedupEncoder
     from gist_core.stages import run_evaluate
 
     def no_encoding(*args: Any, **kwargs: Any) -> Any:

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from gist_core.config import settings_from_dict
-from gist_core.train import build_train_dataset, training_arguments
-from tests.model.test_train_triplets import write_triplets
+from gist_core.training.trainer import build_train_dataset, training_arguments
+from tests.support.triplets import write_triplets
 
 pytestmark = pytest.mark.slow
 COLUMNS = ("anchor", "positive", "negative")
@@ -78,7 +78,7 @@ def test_multi_process_sampler_factories_survive_a_checkpoint(tmp_path: Path) ->
     import torch
     from sentence_transformers import SentenceTransformerTrainingArguments
 
-    from gist_core.batching import GroupedProportionalFactory, SplitBatchSamplerFactory
+    from gist_core.training.batching import GroupedProportionalFactory, SplitBatchSamplerFactory
 
     batch_sampler, multi_sampler = SplitBatchSamplerFactory("no_duplicates", 2), GroupedProportionalFactory(2)
     assert pickle.loads(pickle.dumps(batch_sampler)) == batch_sampler

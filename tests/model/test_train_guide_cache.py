@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from gist_core.config import settings_from_dict
-from gist_core.guide_cache import EMBEDDINGS_FILE, MANIFEST_FILE, read_manifest
-from gist_core.train import TRAIN_METRICS_FILE, load_guide, train, training_arguments
-from tests.model.test_train_triplets import write_triplets
+from gist_core.training.guide_cache import EMBEDDINGS_FILE, MANIFEST_FILE, read_manifest
+from gist_core.training.trainer import TRAIN_METRICS_FILE, load_guide, train, training_arguments
+from tests.support.triplets import write_triplets
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +106,8 @@ def test_guide_cache_command_writes_the_dvc_stage_output(
 
     from typer.testing import CliRunner
 
-    from gist_core.cli import app
-    from gist_core.guide_cache import file_md5
+    from flows.cli import app
+    from gist_core.hashing import file_md5
 
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     raw["base"].update({"student": str(tiny_model_dir), "guide": str(tiny_model_dir)})

@@ -10,16 +10,9 @@ import pytest
 import yaml
 
 from flows.ablation import AblationParameters, apply_ablation_parameters
-from gist_core.ablation import (
-    RunRecord,
-    inject_noise,
-    plan,
-    subset_per_task,
-    summarize,
-    summary_markdown,
-    verdict,
-    write_report,
-)
+from gist_core.ablation.noise import inject_noise, subset_per_task
+from gist_core.ablation.plan import RunRecord, plan
+from gist_core.ablation.report import summarize, summary_markdown, verdict, write_report
 from gist_core.config import settings_from_dict
 from gist_core.errors import ConfigError, DataError
 

@@ -6,7 +6,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gist_core.cli import _settings, app, parse_overrides
+from flows.cli import app
+from gist_core.cli import cli_settings as _settings
+from gist_core.cli import parse_overrides
 from gist_core.errors import ConfigError
 
 runner = CliRunner()

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from gist_core.config import load_settings, settings_from_dict, with_overrides
 from gist_core.errors import ConfigError
@@ -109,3 +111,26 @@ def test_stage_params_are_flat(repo_root: Path) -> None:
     assert params["train.temperature"] == 0.01
     assert params["base.student"] == "all-MiniLM-L6-v2"
     assert all("." in k for k in params)
+
+
+def _default_mismatches(model: BaseModel, where: str) -> list[str]:
+    """Fields of ``model`` (as read from params.yaml) whose config.py default differs from it."""
+    out = []
+    dumped = model.model_dump(mode="json")
+    for name, info in type(model).model_fields.items():
+        if info.is_required() or info.exclude:
+            continue
+        default = info.get_default(call_default_factory=True)
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and isinstance(default, BaseModel):
+            out += _default_mismatches(value, f"{where}.{name}")
+            continue
+        if to_jsonable_python(default) != dumped[name]:
+            out.append(f"{where}.{name}: config.py {to_jsonable_python(default)!r}, params.yaml {dumped[name]!r}")
+    return out
+
+
+def test_config_defaults_are_the_values_of_params_yaml(repo_root: Path) -> None:
+    """params.yaml is the single source of defaults: every config.py default equals it (or the field is required)."""
+    settings = load_settings(repo_root)
+    assert _default_mismatches(settings, "params") == []

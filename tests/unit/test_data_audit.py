@@ -7,19 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gist_core.audit import (
-    DataReport,
-    SourceReport,
-    build_contamination_index,
-    eval_split_texts,
-    label_problem,
-    normalize_text,
-    similarity_summary,
-    text_problem,
-)
+from gist_core.catalogue import eval_split_texts
 from gist_core.config import load_settings
-from gist_core.data import contamination_tasks
+from gist_core.data.audit import DataReport, SourceReport, render_markdown, similarity_summary
+from gist_core.data.contamination import build_contamination_index, contamination_tasks, normalize_text
 from gist_core.errors import DataError
+from gist_core.readers import label_problem, text_problem
 
 
 def test_text_and_label_rules() -> None:
@@ -72,10 +65,10 @@ def test_identity_check_and_markdown() -> None:
     assert (source.guide_scored, source.guide_flagged) == (2, 1)
     report = DataReport([source], {"T": 6}, contamination={"tasks": ["X"], "eval_texts": 3, "rows": 0})
     report.check_identity()
-    text = report.to_markdown()
+    text = render_markdown(report)
     for heading in ("# Data report", "## Rows per source", "## Why rows were removed", "## Contamination", "verdict"):
         assert heading in text
-    assert text == report.to_markdown()  # deterministic
+    assert text == render_markdown(report)  # deterministic
     source.kept = 7
     with pytest.raises(AssertionError, match="row accounting broken"):
         report.check_identity()

@@ -10,20 +10,14 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from gist_core.audit import ContaminationIndex
 from gist_core.config import ClassificationSource, DataSettings
-from gist_core.data import (
-    OUTPUT_COLUMNS,
-    combine,
-    load_triplets,
-    mine_all,
-    mine_source,
-    prepare_data,
-    read_classification_source,
-    write_outputs,
-)
+from gist_core.data.classification import read_classification_source
+from gist_core.data.combine import combine, prepare_data, write_outputs
+from gist_core.data.contamination import ContaminationIndex
+from gist_core.data.mine import mine_all, mine_source
+from gist_core.data.schema import OUTPUT_COLUMNS, load_triplets
 from gist_core.errors import DataError
-from tests.data.fakes import fake_guide
+from tests.support.fakes import fake_guide
 
 BUCKETS = ("quarantined", "degenerate", "duplicates", "decontaminated", "not_sampled")
 
@@ -272,7 +266,7 @@ def test_load_triplets_checks_columns(tmp_path: Path) -> None:
 
 def test_write_outputs_fills_optional_columns(tmp_path: Path) -> None:
     data = pd.DataFrame({"anchor": ["a"], "positive": ["b"], "negative": ["c"], "task_name": ["T"]})
-    from gist_core.audit import DataReport
+    from gist_core.data.audit import DataReport
 
     write_outputs(data, DataReport([], {}), [], tmp_path / "t.parquet", tmp_path / "r.json", tmp_path / "q.csv")
     frame = pd.read_parquet(tmp_path / "t.parquet")

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from gist_core.config import ClassificationSource, DataSettings, MediSettings
-from gist_core.data import prepare_data
+from gist_core.data.combine import prepare_data
+from gist_core.data.medi import load_medi
 from gist_core.errors import DataError
-from gist_core.medi import load_medi
 
 QI, PI = "Represent the question for retrieving answers:", "Represent the answer for retrieval:"
 NESTED = [
@@ -148,6 +148,6 @@ def test_medi_joins_the_mined_triplets(tmp_path: Path) -> None:
     assert medi.input_rows == 4 and medi.duplicates == 1 and medi.kept == 3
     assert data.loc[data["source"] == "MEDI", "anchor_label"].isna().all()
     report.check_identity()
-    only_medi = DataSettings(medi={"path": "medi.json"})
+    only_medi = DataSettings(classification=[], medi={"path": "medi.json"})
     data, report, _ = prepare_data(only_medi, tmp_path, seed=0)
     assert len(data) == 3 and [s.name for s in report.sources] == ["MEDI"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gist_core.mining import guided_positives, other_label_partner, row_similarity, same_label_partner
-from tests.data.fakes import BagOfWords, fake_guide
+from gist_core.data.mining import guided_positives, other_label_partner, row_similarity, same_label_partner
+from tests.support.fakes import BagOfWords, fake_guide
 
 
 def _unit(rows: list[list[float]]) -> np.ndarray:
@@ -83,7 +83,7 @@ def test_guide_cache_makes_a_rerun_encode_nothing(tmp_path: Path) -> None:
     assert second_model.texts == 1 and second_guide.from_cache == 3
     np.testing.assert_array_equal(first, second[:4])
     # another guide (fingerprint) never reads this guide's vectors
-    from gist_core.mining import GuideEncoder
+    from gist_core.data.guide_encoder import GuideEncoder
 
     other_model = BagOfWords()
     GuideEncoder("other", "other-fingerprint", lambda: other_model, max_seq_length=64, cache_root=tmp_path).embed(texts)
@@ -92,7 +92,7 @@ def test_guide_cache_makes_a_rerun_encode_nothing(tmp_path: Path) -> None:
 
 def test_guide_is_not_loaded_when_everything_is_cached(tmp_path: Path) -> None:
     fake_guide(tmp_path).embed(["a b", "c d"])
-    from gist_core.mining import GuideEncoder
+    from gist_core.data.guide_encoder import GuideEncoder
 
     def boom() -> None:
         raise AssertionError("the model should not be loaded")

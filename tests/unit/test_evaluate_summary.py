@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from gist_core.errors import EvaluationError
-from gist_core.evaluate import (
+from gist_core.evaluation.summary import (
     TaskScore,
     compute_deltas,
     plot_deltas,
@@ -263,7 +263,7 @@ def test_task_score_is_frozen(candidate: dict[str, TaskScore]) -> None:
     ],
 )
 def test_evaluate_model_rejects_bad_identity(tmp_path, name: str, revision: str, message: str) -> None:
-    from gist_core.evaluate import evaluate_model
+    from gist_core.evaluation.evaluate import evaluate_model
 
     # checked before mteb is imported or the model is touched
     with pytest.raises(EvaluationError, match=message):

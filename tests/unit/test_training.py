@@ -1,0 +1,110 @@
+"""Training pieces that need no model: settings validation, run keys, checkpoints, the loss statistics,
+and the multi-process batch samplers."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from gist_core.config import settings_from_dict
+from gist_core.errors import ConfigError
+from gist_core.training.loss import GuideMaskStats
+from gist_core.training.trainer import last_checkpoint, mean_train_loss, run_key
+
+
+def _settings(repo_root: Path, tmp: Path, **train):
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["train"].update(train)
+    return settings_from_dict(raw, tmp)
+
+
+def test_mask_stats_counts_minus_self_pairs() -> None:
+    stats = GuideMaskStats(self_pairs=2)
+    scores = torch.zeros(2, 9)
+    scores[0, [3, 4, 7]] = -torch.inf  # two self-pairs + one masked candidate
+    scores[1, [4, 7]] = -torch.inf
+    stats(scores, torch.tensor([0, 1]))
+    assert stats.pop_masked_fraction() == pytest.approx(1 / (2 * (9 - 1 - 2)))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("mini_batch_size", 64, r"mini_batch_size \(64\) is larger than batch_size \(32\)"),
+        ("margin", 1.5, r"train\.margin: Input should be less than or equal to 1"),
+        ("margin_strategy", "median", r"train\.margin_strategy: Input should be 'absolute' or 'relative'"),
+        ("save_steps", 0, r"train\.save_steps: Input should be greater than or equal to 1"),
+        ("guide_cache", "sometimes", r"train\.guide_cache: Input should be a valid boolean"),
+    ],
+)
+def test_train_settings_are_validated(repo_root: Path, tmp_path: Path, key, value, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _settings(repo_root, tmp_path, **{key: value})
+
+
+def test_run_key_follows_what_changes_the_result(repo_root: Path, tmp_path: Path) -> None:
+    base = _settings(repo_root, tmp_path)
+    key = run_key(base, "md5", 1)
+    assert run_key(_settings(repo_root, tmp_path, logging_steps=1, save_steps=3, output_dir="x"), "md5", 1) == key
+    assert run_key(_settings(repo_root, tmp_path, learning_rate=1e-5), "md5", 1) != key
+    assert run_key(_settings(repo_root, tmp_path, margin=0.1), "md5", 1) != key
+    assert run_key(base, "other-md5", 1) != key
+    assert run_key(base, "md5", 2) != key
+
+
+def test_last_checkpoint_skips_incomplete_ones(tmp_path: Path) -> None:
+    assert last_checkpoint(tmp_path / "none") is None
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert (tmp_path / "checkpoint-6").exists()
+    assert last_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-4"
+    assert not (tmp_path / "checkpoint-6").exists()
+
+
+def test_mean_train_loss_weights_each_logged_interval() -> None:
+    history = [{"loss": 2.0, "step": 2}, {"loss": 1.0, "step": 3}, {"train_runtime": 1.0, "step": 3}]
+    assert mean_train_loss(history) == pytest.approx((2.0 * 2 + 1.0) / 3)
+
+
+def test_split_and_grouped_samplers_keep_each_global_batch_one_task_without_duplicates() -> None:
+    from datasets import Dataset
+    from torch.utils.data import ConcatDataset
+
+    from gist_core.training.batching import GroupedProportionalFactory, SplitBatchSamplerFactory
+
+    rng = np.random.default_rng(1)
+    datasets = []
+    for task in range(3):
+        # Each row holds three distinct texts; rows share texts often (a small pool).
+        picks = [rng.choice(100, size=3, replace=False) for _ in range(40 + 10 * task)]
+        rows = {c: [f"t{task}-{p[k]}" for p in picks] for k, c in enumerate(("anchor", "positive", "negative"))}
+        datasets.append(Dataset.from_dict(rows))
+    parts, batch_size = 2, 4
+    make_batch_sampler = SplitBatchSamplerFactory("no_duplicates", parts)
+    generator = torch.Generator()
+    samplers = [make_batch_sampler(d, batch_size, False, generator=generator, seed=3) for d in datasets]
+    concat = ConcatDataset(datasets)
+    sampler = GroupedProportionalFactory(parts)(concat, samplers, generator=generator, seed=3)
+    batches = list(sampler)
+    assert batches and len(batches) % parts == 0 and len(batches) <= len(sampler)
+    offsets = list(itertools.accumulate(len(d) for d in datasets))
+    for start in range(0, len(batches), parts):
+        group = batches[start : start + parts]
+        assert all(len(b) == batch_size for b in group)
+        indices = [i for b in group for i in b]
+        tasks = {next(t for t, end in enumerate(offsets) if i < end) for i in indices}
+        assert len(tasks) == 1, "a global batch mixes tasks"
+        texts = [concat[i][c] for i in indices for c in ("anchor", "positive", "negative")]
+        assert len(texts) == len(set(texts)), "a global batch repeats a text"
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled per epoch, like sentence-transformers' samplers
