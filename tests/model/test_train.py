@@ -57,23 +57,31 @@ def test_train_writes_a_loadable_checkpoint_and_logs(
     assert SentenceTransformer(str(result.output_dir)).encode(["x"]).shape == (1, 32)
 
 
-def test_train_by_epochs(repo_root: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
-    few = write_triplets(repo_root, tmp_path / "few.parquet", per_task=8, seed=2)  # 24 rows, 3 tasks
+def test_train_by_epochs_learns(repo_root: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    few = write_triplets(repo_root, tmp_path / "few.parquet", per_task=8, seed=2)  # 24 rows, 3 tasks of 8
+    epochs, batch_size = 3, 4
     settings = _settings(
         repo_root,
         tmp_path,
         str(tiny_model_dir),
         str(tiny_model_dir),
         max_steps=None,
-        num_train_epochs=2,
-        batch_size=4,
+        num_train_epochs=epochs,
+        batch_size=batch_size,
         loss="mnrl",
         save_steps=None,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
     )
     result = train(settings, few)
-    assert result.steps > 0
-    epochs = [entry["epoch"] for entry in result.history if "loss" in entry]
-    assert epochs[-1] == pytest.approx(2.0), "the run ends after two passes over the triplets"
+    steps_per_epoch = 3 * (8 // batch_size)  # each task's 8 rows make 2 one-task batches
+    assert result.steps == epochs * steps_per_epoch
+    logged = [entry for entry in result.history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == list(range(1, epochs * steps_per_epoch + 1))
+    assert logged[-1]["epoch"] == pytest.approx(epochs), "the run ends after the configured passes"
+    first = sum(e["loss"] for e in logged[:steps_per_epoch]) / steps_per_epoch
+    last = sum(e["loss"] for e in logged[-steps_per_epoch:]) / steps_per_epoch
+    assert last < first, f"the loss over the last pass ({last:.3f}) is below the first pass's ({first:.3f})"
 
 
 def test_guided_training_changes_minilm(repo_root: Path, tmp_path: Path, minilm_dir: Path, triplets: Path) -> None:
@@ -84,7 +92,8 @@ def test_guided_training_changes_minilm(repo_root: Path, tmp_path: Path, minilm_
     before = SentenceTransformer(str(minilm_dir)).encode(["How do I top up my card?"])
     after = SentenceTransformer(str(result.output_dir)).encode(["How do I top up my card?"])
     assert abs(before - after).max() > 1e-4, "two steps at lr 2e-5 must move the weights"
-    assert result.train_loss > 0
+    assert result.steps == settings.train.max_steps == 2
+    assert [entry["step"] for entry in result.history if "loss" in entry] == [1, 2]
 
 
 def test_unloadable_model_is_a_clear_error(repo_root: Path, tmp_path: Path, triplets: Path) -> None:

@@ -7,6 +7,7 @@ the data changes; training from it follows the same loss curve as training with 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -95,7 +96,7 @@ def test_live_guide_is_frozen_in_eval_mode(repo_root: Path, tmp_path: Path, tiny
 
 def test_gradcache_training(repo_root: Path, tmp_path: Path, tiny_model_dir: Path, triplets: Path) -> None:
     result = train(_settings(repo_root, tmp_path, tiny_model_dir, mini_batch_size=3), triplets)
-    assert result.loss == "CachedGISTEmbedLoss" and result.steps == 3 and result.train_loss > 0
+    assert result.loss == "CachedGISTEmbedLoss" and result.steps == 3 and math.isfinite(result.train_loss)
     assert all("guide_masked_fraction" in e for e in result.history if "loss" in e)
 
 
