@@ -12,6 +12,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from gist_core.errors import RegistryError
+
 log = logging.getLogger(__name__)
 
 LIMIT_PREFIX = "gist-promotion-"
@@ -43,6 +45,7 @@ def _ensure_limit(name: str) -> None:
 def prefect_promotion_limit(model_name: str, timeout_seconds: float) -> Iterator[None]:
     """Hold the model's promotion slot in Prefect for the block; nothing without a Prefect API URL."""
     # deferred: Prefect takes seconds to import; the stage commands never promote
+    from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError  # not re-exported elsewhere
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
@@ -51,5 +54,11 @@ def prefect_promotion_limit(model_name: str, timeout_seconds: float) -> Iterator
         return
     name = limit_name(model_name)
     _ensure_limit(name)
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
-        yield
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+            yield  # the promotion itself never waits on a Prefect limit, so a timeout below is the slot's
+    except AcquireConcurrencySlotTimeoutError:
+        raise RegistryError(
+            f"another promotion of {model_name!r} held the Prefect concurrency limit {name!r} "
+            f"on {PREFECT_API_URL.value()} for more than {timeout_seconds:.0f} s"
+        ) from None

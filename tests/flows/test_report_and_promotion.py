@@ -175,3 +175,25 @@ def test_parallel_evaluation_fans_out_one_task_per_entry(settings, prefect_harne
     assert calls[-1] == (("STSBenchmark", "Banking77Classification"), "reports/eval.json", "run-1", None)
     hub = pipeline.part_settings(settings, "mteb:MTEB(eng, v2)")
     assert hub.evaluate.output == ".cache/mteb/parts/mteb_MTEB_eng_v2_.json" and hub.gate.required_tasks == []
+
+
+def test_a_busy_prefect_promotion_limit_is_a_clear_registry_error(settings, prefect_harness) -> None:
+    """With a Prefect API, promotions of one model queue in its global concurrency limit; waiting too
+    long is the same RegistryError as the registry's own lock, naming the limit."""
+    from prefect.client.orchestration import get_client
+
+    import flows.locks
+    from gist_core.errors import RegistryError
+    from gist_core.registry import locks
+
+    assert flows.locks.prefect_promotion_limit in locks._outer_locks, "importing flows registers the limit"
+    name = "gist-limit-test"
+    with flows.locks.prefect_promotion_limit(name, 5):
+        with get_client(sync_client=True) as c:
+            limit = c.read_global_concurrency_limit_by_name(flows.locks.limit_name(name))
+        assert limit.limit == 1 and limit.active_slots == 1
+        busy = pytest.raises(RegistryError, match=f"another promotion of '{name}' held the Prefect concurrency limit")
+        with busy, flows.locks.prefect_promotion_limit(name, 0.3):
+            pass
+    with flows.locks.prefect_promotion_limit(name, 5):  # released on exit
+        pass

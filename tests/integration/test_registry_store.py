@@ -284,7 +284,8 @@ def test_fetch_champion_downloads_a_loadable_folder(settings, tiny_model_dir: Pa
     assert decision.deltas["STSBenchmark"] == pytest.approx(0.01), "unknown folder: the recorded scores"
 
 
-def test_lock_is_a_file_next_to_the_db_and_excludes_others(settings) -> None:
+def test_lock_is_a_file_next_to_the_db_and_excludes_others(settings, monkeypatch) -> None:
+    monkeypatch.setattr(locks, "_outer_locks", [])  # the registry's own lock, whatever flows registered above it
     import fcntl
 
     path = locks.lock_path(settings)
