@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 from gist_core.config import ClassificationSource, DataSettings, Settings
 from gist_core.data.audit import SourceReport
 from gist_core.data.classification import read_classification_source
-from gist_core.data.contamination import ContaminationIndex, contamination_tasks
+from gist_core.data.contamination import ContaminationIndex, contamination_tasks, normalize_texts
 from gist_core.data.guide_encoder import GuideEncoder
+from gist_core.data.medi import EXACT_DEGENERATE, NEAR_DEGENERATE
 from gist_core.data.mining import guided_positives, other_label_partner, row_similarity, same_label_partner
 from gist_core.data.schema import OUTPUT_COLUMNS, empty_triplets, triplet_table
 from gist_core.errors import DataError
@@ -79,7 +80,7 @@ def mine_source(
     if contamination is not None and settings.contamination.remove:
         # before pooling, so a contaminated text is never a positive or negative either; with
         # remove: false the combine step counts the matching rows instead
-        where = frame["text"].map(contamination.match)
+        where = pd.Series(contamination.match_column(frame["text"]), index=frame.index, dtype=object)
         hit = where.notna()
         found.update(where[hit].tolist())
         for row, text, split in zip(frame["row"][hit], frame["text"][hit], where[hit], strict=True):
@@ -111,9 +112,10 @@ def mine_source(
     wants_embeddings = guide is not None and (needs_guide or settings.audit.guide_verdicts)
     embeddings = guide.embed(list(texts)) if wants_embeddings else None
     positives_rng = np.random.default_rng(seed_for(seed, f"{source.name}:positives"))
+    # a text and its near-duplicates (equal after case and whitespace normalisation) are never each other's positive
+    text_ids = pd.factorize(np.asarray(normalize_texts(frame["text"]).to_pylist(), dtype=object))[0]
     if needs_guide:
         assert embeddings is not None
-        text_ids = pd.factorize(frame["text"])[0]  # identical texts are never each other's positive
         positive = guided_positives(embeddings, labels, text_ids, mining.top_k, mining.temperature, positives_rng)
     else:
         positive = same_label_partner(labels, positives_rng)
@@ -148,11 +150,16 @@ def mine_source(
             "guide_neg_sim": neg_sim[ok],
         }
     )
-    degenerate = (triplets["anchor"] == triplets["positive"]) | (triplets["anchor"] == triplets["negative"])
-    for row, text in triplets.loc[degenerate, ["source_row", "anchor"]].itertuples(index=False):
-        skipped.append(skipped_row(path, row, "positive", "anchor equals its positive or negative", text))
-    report.count("degenerate", "anchor equals its positive or negative", int(degenerate.sum()))
-    triplets = triplets[~degenerate].reset_index(drop=True)
+    anchor_ids = text_ids[ok]
+    near = (anchor_ids == text_ids[positive[ok]]) | (anchor_ids == text_ids[negative[ok]])
+    exact = ((triplets["anchor"] == triplets["positive"]) | (triplets["anchor"] == triplets["negative"])).to_numpy()
+    for row, text, same in (
+        triplets.loc[near, ["source_row", "anchor"]].assign(same=exact[near]).itertuples(index=False)
+    ):
+        reason = EXACT_DEGENERATE if same else NEAR_DEGENERATE
+        skipped.append(skipped_row(path, row, "positive", reason, text))
+        report.count("degenerate", reason)
+    triplets = triplets[~near].reset_index(drop=True)
     log.info("%s: mined %d triplets from %d rows (pool %d)", source.name, len(triplets), input_rows, len(frame))
     return triplets, report, skipped, found
 
