@@ -117,6 +117,7 @@ class DataSettings(_Section):
     max_per_task: int | None = Field(2000, ge=1, description="cap on triplets per task (None: all)")
     max_text_chars: int = Field(20_000, ge=1, description="longer texts are quarantined")
     max_bad_fraction: float = Field(0.5, ge=0, le=1, description="fail when more of a file's rows are malformed")
+    embeddings: str = "data/prepared/guide_embeddings"
     mined: str = "data/prepared/mined"
     output: str = "data/prepared/triplets.parquet"
     report: str = "reports/data.json"

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from gist_core.config import DataSettings
 from gist_core.data.audit import DataReport, SourceReport, render_markdown, similarity_summary
 from gist_core.data.contamination import ContaminationIndex, arrow_strings
-from gist_core.data.guide_encoder import GuideEncoder
+from gist_core.data.guide_encoder import TextEmbedder
 from gist_core.data.medi import MediData, load_medi
 from gist_core.data.mine import Mined, mine_all
 from gist_core.data.mining import row_similarity
@@ -80,7 +80,7 @@ def _duplicated(data: pd.DataFrame) -> np.ndarray:
     return pd.DataFrame(dict(zip(TEXT_COLUMNS, codes, strict=True))).duplicated(keep="first").to_numpy()
 
 
-def _guide_verdicts(data: pd.DataFrame, guide: GuideEncoder) -> None:
+def _guide_verdicts(data: pd.DataFrame, guide: TextEmbedder) -> None:
     """Score rows without a verdict: the guide's sim(anchor, positive) and sim(anchor, negative), in chunks."""
     todo = np.flatnonzero((data["guide_pos_sim"].isna() | data["guide_neg_sim"].isna()).to_numpy())
     pos = data["guide_pos_sim"].to_numpy(dtype=np.float32, copy=True)
@@ -90,7 +90,7 @@ def _guide_verdicts(data: pd.DataFrame, guide: GuideEncoder) -> None:
         part = data.iloc[rows]
         columns = [arrow_strings(part[c]) for c in TEXT_COLUMNS]
         texts = pa.chunked_array([chunk for column in columns for chunk in column.chunks]).unique()
-        embeddings = guide.embed(texts.to_pylist())
+        embeddings = guide.embed(texts.to_pylist(), pass_name="verdicts")
         a, p, n = (pc.index_in(column, value_set=texts).to_numpy(zero_copy_only=False) for column in columns)
         pos[rows] = row_similarity(embeddings, a.astype(np.int64), p.astype(np.int64))
         neg[rows] = row_similarity(embeddings, a.astype(np.int64), n.astype(np.int64))
@@ -104,7 +104,7 @@ def combine(
     medi: MediData | None,
     settings: DataSettings,
     seed: int,
-    guide: GuideEncoder | None = None,
+    guide: TextEmbedder | None = None,
     contamination: ContaminationIndex | None = None,
 ) -> tuple[pd.DataFrame, DataReport, pd.DataFrame]:
     """Union, decontaminate, deduplicate, cap and score: the final training triplets, their report, the removed rows.
@@ -194,7 +194,7 @@ def prepare_data(
     settings: DataSettings,
     root: Path,
     seed: int,
-    guide: GuideEncoder | None = None,
+    guide: TextEmbedder | None = None,
     contamination: ContaminationIndex | None = None,
 ) -> tuple[pd.DataFrame, DataReport, pd.DataFrame]:
     """Both steps in memory: mine the classification sources, load MEDI, combine and audit.
