@@ -171,6 +171,9 @@ class TrainSettings(_Section):
     contrast_positives: bool = True
     guide_cache: bool = Field(True, description="look the frozen guide's embeddings up instead of running it")
     guide_cache_dir: str = "data/prepared/guide_cache"
+    guide_cache_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="storage of the cached guide embeddings; float16 halves it (parity error in docs)"
+    )
     mini_batch_size: int | None = Field(None, ge=1, description="GradCache mini-batch (None: no GradCache)")
     save_steps: int | None = Field(10, ge=1, description="checkpoint every N steps for resuming (None: never)")
     checkpoints_dir: str = "outputs/checkpoints"

@@ -33,7 +33,7 @@ from gist_core.config import Settings
 from gist_core.data.schema import LABEL_COLUMNS, load_triplets
 from gist_core.hashing import file_md5, json_digest
 from gist_core.models import ModelRef, load_sentence_transformer
-from gist_core.training.guide_cache import load_or_build_guide_cache
+from gist_core.training.guide_cache import load_or_build_guide_cache, store_root
 from gist_core.training.runtime import cuda_bf16, pick_device, resolve_models, set_seed, world_size
 
 if TYPE_CHECKING:
@@ -288,10 +288,16 @@ def load_guide(
     if cfg.guide_cache:
         with args.main_process_first(local=False, desc="guide-embedding cache"):  # rank 0 builds, others read
             cached, manifest = load_or_build_guide_cache(
-                settings.path(cfg.guide_cache_dir), triplets_path, student, guide_ref, device
+                settings.path(cfg.guide_cache_dir),
+                triplets_path,
+                student,
+                guide_ref,
+                device,
+                dtype=cfg.guide_cache_dtype,
+                store_root=store_root(settings),
             )
         description = {"guide": guide_ref.ref, "data_md5": manifest["identity"]["data_md5"]}
-        cache = GuideEmbeddingCache(student, cached.keys, cached.embeddings, student.max_seq_length, description)
+        cache = GuideEmbeddingCache(student, cached.index, cached.embeddings, student.max_seq_length, description)
         return cache, "cache"
     guide = load_sentence_transformer(guide_ref, cfg.max_seq_length, device)
     # A frozen guide: eval mode (no dropout) and no gradients, whatever state the loader left it in.
