@@ -161,7 +161,7 @@ class TrainSettings(_Section):
     learning_rate: float = Field(2e-5, gt=0, lt=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(64, ge=8, le=8192)
-    batch_sampler: Literal["no_duplicates", "batch_sampler"] = "no_duplicates"
+    batch_sampler: Literal["no_duplicates", "no_duplicates_hashed", "batch_sampler"] = "no_duplicates"
     task_homogeneous_batches: bool = True
     logging_steps: int = Field(5, ge=1)
     # GIST false-negative masking (sentence-transformers' GISTEmbedLoss options).

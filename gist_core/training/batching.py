@@ -26,9 +26,19 @@ from sentence_transformers.base.sampler import (
 )
 from torch.utils.data import BatchSampler, ConcatDataset, RandomSampler, SubsetRandomSampler
 
+# Extra passes over a task's rows (each reshuffled) a split sampler may take to yield its advertised length.
+MAX_EXTRA_PASSES = 8
+
 
 class SplitBatchSampler(SetEpochMixin, BatchSampler):
-    """Yields each batch of ``inner`` (``parts x batch_size`` samples) as ``parts`` consecutive batches."""
+    """Yields each batch of ``inner`` (``parts x batch_size`` samples) as ``parts`` consecutive batches.
+
+    A pass yields exactly ``len(self)`` batches: under DDP every process must take the same number
+    of steps, and a pass that ends early leaves one process waiting for the others forever (the
+    known hang). When the inner no-duplicates sampler cannot fill its advertised number of full
+    batches in one pass (many repeated texts), further reshuffled passes top it up; a task that
+    cannot fill a single duplicate-free batch fails with its row count instead of hanging.
+    """
 
     def __init__(self, inner: BatchSampler, parts: int) -> None:
         if inner.batch_size % parts:
@@ -43,11 +53,33 @@ class SplitBatchSampler(SetEpochMixin, BatchSampler):
             self.inner.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.inner:
-            if len(batch) != self.batch_size * self.parts:
-                continue  # an incomplete batch cannot give every process a part
-            for part in range(self.parts):
-                yield batch[part * self.batch_size : (part + 1) * self.batch_size]
+        expected, yielded = len(self), 0
+        epoch = getattr(self.inner, "epoch", self.epoch)
+        for extra in range(MAX_EXTRA_PASSES + 1):
+            if yielded >= expected:
+                return
+            if extra and hasattr(self.inner, "set_epoch"):
+                self.inner.set_epoch(epoch + extra * 100_003)  # another shuffle, the same on every process
+            full = 0
+            for batch in self.inner:
+                if len(batch) != self.batch_size * self.parts:
+                    continue  # an incomplete batch cannot give every process a part
+                full += 1
+                for part in range(self.parts):
+                    yield batch[part * self.batch_size : (part + 1) * self.batch_size]
+                yielded += self.parts
+                if yielded >= expected:
+                    break
+            if hasattr(self.inner, "set_epoch"):
+                self.inner.set_epoch(epoch)
+            if not full:
+                break
+        if yielded < expected:
+            rows = len(self.inner.sampler) if hasattr(self.inner, "sampler") else "?"
+            raise RuntimeError(
+                f"a task of {rows} rows yielded {yielded} of {expected} batches of {self.batch_size} x {self.parts} "
+                "without repeated texts: it has too few distinct texts for this batch size (lower train.batch_size)"
+            )
 
     def __len__(self) -> int:
         return len(self.inner) * self.parts
@@ -79,8 +111,9 @@ class SplitBatchSamplerFactory:
             "generator": generator,
             "seed": seed,
         }
-        if self.kind == "no_duplicates":
-            inner: BatchSampler = NoDuplicatesBatchSampler(dataset, **kwargs)
+        if self.kind in ("no_duplicates", "no_duplicates_hashed"):
+            hashed = self.kind == "no_duplicates_hashed"
+            inner: BatchSampler = NoDuplicatesBatchSampler(dataset, **kwargs, precompute_hashes=hashed)
         else:
             inner = DefaultBatchSampler(RandomSampler(dataset, generator=generator), **kwargs)
         return SplitBatchSampler(inner, self.parts)
@@ -113,8 +146,8 @@ class GroupedProportionalBatchSampler(MultiDatasetDefaultBatchSampler):
         iterators = [iter(sampler) for sampler in self.batch_samplers]
         for dataset_idx in SubsetRandomSampler(dataset_indices, generator=self.generator):
             group = list(islice(iterators[dataset_idx], self.parts))
-            if len(group) < self.parts:
-                continue
+            if len(group) < self.parts:  # cannot happen: a SplitBatchSampler yields its whole length
+                raise RuntimeError(f"dataset {dataset_idx} ran out of batches before its advertised length")
             for batch in group:
                 yield [idx + offsets[dataset_idx] for idx in batch]
 
