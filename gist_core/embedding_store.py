@@ -72,8 +72,10 @@ class EmbeddingStore:
         self._seen: set[str] = set()
 
     def _load(self) -> list[_Shard]:
-        if self._shards is None:
-            self._shards = []
+        """The shards on disk, read once (shards this store adds are appended as they are written)."""
+        if self._shards is not None:
+            return self._shards
+        self._shards = []
         for path in sorted(self.folder.glob("shard-*.keys.npy")):
             if path.name in self._seen:
                 continue
@@ -140,6 +142,9 @@ class EmbeddingStore:
             with tmp.open("wb") as handle:
                 np.save(handle, payload)
             tmp.replace(final)
+        if final_keys.name not in self._seen:
+            self._seen.add(final_keys.name)
+            self._load().append(_Shard(sorted_keys, np.load(final_vectors, mmap_mode="r")))
 
     def describe(self) -> dict[str, Any]:
         return {**self.identity, "folder": str(self.folder), "entries": len(self)}

@@ -27,7 +27,8 @@ from gist_core.models import ensure_available, load_sentence_transformer, model_
 
 log = logging.getLogger(__name__)
 
-STORE_CHUNK = 65_536  # texts encoded (and stored as one shard) at a time
+STORE_CHUNK = 65_536  # new embeddings gathered before they are stored as one shard
+ENCODE_CHUNK = 8192  # texts encoded per call (a progress line after each)
 
 
 class TextEmbedder(Protocol):
@@ -99,7 +100,7 @@ class GuideEncoder:
         elapsed = time.perf_counter() - started
         self.seconds += elapsed
         self.encoded += len(texts)
-        log.info("guide %s: encoded %d texts in %.1f s", self.name, len(texts), elapsed)
+        log.debug("guide %s: encoded %d texts in %.1f s", self.name, len(texts), elapsed)
         return vectors
 
     def embed(self, texts: Sequence[str], pass_name: str = "embed") -> np.ndarray:
@@ -121,18 +122,21 @@ class GuideEncoder:
                 vectors = full
         self.from_cache += int(found.sum())
         missing = np.flatnonzero(~found)
-        for begin in range(0, len(missing), STORE_CHUNK):
-            rows = missing[begin : begin + STORE_CHUNK]
+        pending: list[np.ndarray] = []
+        for begin in range(0, len(missing), ENCODE_CHUNK):
+            rows = missing[begin : begin + ENCODE_CHUNK]
             new = self._encode([texts[i] for i in first[rows]])
             if vectors is None or vectors.shape[1] != new.shape[1]:
                 vectors = np.zeros((len(unique), new.shape[1]), dtype=np.float32)
             vectors[rows] = new
-            if self.store is not None:
-                self.store.add(unique[rows], new)
-            else:
-                self._memory.update((k.tobytes(), v) for k, v in zip(unique[rows], new, strict=True))
-            if len(missing) > STORE_CHUNK:
-                log.info("guide %s: %d of %d new texts encoded", self.name, begin + len(rows), len(missing))
+            pending.append(rows)
+            done = begin + len(rows)
+            if sum(len(r) for r in pending) >= STORE_CHUNK or done == len(missing):
+                self._keep(unique, vectors, np.concatenate(pending))
+                pending.clear()
+            if len(missing) > ENCODE_CHUNK:
+                elapsed = time.perf_counter() - started
+                log.info("guide %s: %d of %d new texts encoded (%.0f s)", self.name, done, len(missing), elapsed)
         assert vectors is not None
         record = self.passes.setdefault(pass_name, {"texts": 0, "distinct": 0, "encoded": 0, "seconds": 0.0})
         record["texts"] += len(texts)
@@ -140,6 +144,12 @@ class GuideEncoder:
         record["encoded"] += self.encoded - encoded_before
         record["seconds"] = round(record["seconds"] + time.perf_counter() - started, 3)
         return normalized(vectors)[inverse.reshape(-1)]
+
+    def _keep(self, keys: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> None:
+        if self.store is not None:
+            self.store.add(keys[rows], vectors[rows])
+        else:
+            self._memory.update((k.tobytes(), v) for k, v in zip(keys[rows], vectors[rows], strict=True))
 
     def stored(self, keys: np.ndarray) -> np.ndarray:
         """The unit-length embeddings of already embedded texts, by ``string_keys``, as ``embed`` returns them."""
