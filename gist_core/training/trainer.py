@@ -70,7 +70,7 @@ class TrainResult:
     loss: str = ""
     guide: str = "none"  # model | cache | none
     gather_across_devices: bool = False
-    skipped_tasks: dict[str, int] = field(default_factory=dict)  # task -> rows: fewer than one global batch
+    skipped_tasks: dict[str, int] = field(default_factory=dict)  # task -> rows: cannot give one global batch
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -135,21 +135,6 @@ def _runs(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
         return [], []
     starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
     return [str(values[i]) for i in starts], [int(i) for i in starts]
-
-
-def too_small_tasks(triplets_path: Path, batch_size: int, processes: int) -> dict[str, int]:
-    """Tasks with fewer rows than one global batch (``batch_size x processes``), with their row counts.
-
-    Under several processes every batch is complete (``dataloader_drop_last``), so such a task gives
-    no batch at all: training reports it (a log line and ``train_metrics.json``) instead of dropping
-    it silently. On one process a short task still gives one smaller batch, so none is reported.
-    """
-    if processes <= 1:
-        return {}
-    counts = pq.read_table(triplets_path, columns=["task_name"]).column("task_name").value_counts()
-    needed = batch_size * processes
-    small = {str(v["values"]): int(v["counts"]) for v in counts.to_pylist() if v["counts"] < needed}
-    return dict(sorted(small.items()))
 
 
 def text_labels(triplets_path: Path) -> dict[str, str]:
@@ -401,10 +386,18 @@ def train(
     student_ref, guide_ref = resolve_models(settings)
     train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches, settings.path(TRAIN_ARROW_DIR))
     data_md5 = file_md5(triplets_path)
-    small = too_small_tasks(triplets_path, cfg.batch_size, processes) if cfg.task_homogeneous_batches else {}
+    small: dict[str, int] = {}
+    if processes > 1 and cfg.task_homogeneous_batches:
+        # deferred: the samplers import sentence-transformers
+        from gist_core.training.batching import unbatchable_tasks
+
+        # Every global batch is complete under DDP: a task that cannot give one is reported, not dropped silently.
+        no_duplicates = cfg.batch_sampler != "batch_sampler"
+        small = unbatchable_tasks(train_dataset, cfg.batch_size * processes, no_duplicates)
     for task, rows in small.items():
         log.warning(
-            "task %s: %d rows, fewer than one batch of %d x %d processes: no batch of it is trained on",
+            "task %s: its %d rows cannot give one batch of %d x %d processes without a repeated text: "
+            "no batch of it is trained on",
             task,
             rows,
             cfg.batch_size,

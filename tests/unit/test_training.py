@@ -134,8 +134,12 @@ def test_a_split_pass_yields_exactly_its_advertised_length_even_with_many_repeat
             for start in range(0, len(batches), 2):
                 texts = [dataset[i][c] for b in batches[start : start + 2] for i in b for c in rows]
                 assert len(texts) == len(set(texts)), "a global batch repeats a text"
-    # a task that cannot fill even one duplicate-free batch fails with its size, it does not hang
-    tiny = Dataset.from_dict({"anchor": ["a"] * 20, "positive": ["b"] * 20, "negative": ["c"] * 20})
-    sampler = SplitBatchSamplerFactory("no_duplicates", 2)(tiny, 4, True, generator=torch.Generator(), seed=1)
-    with pytest.raises(RuntimeError, match="a task of 20 rows yielded 0 of 4 batches of 4 x 2"):
-        list(sampler)
+    # a task that cannot give one duplicate-free global batch advertises none (and is reported)
+    from gist_core.training.batching import unbatchable_tasks
+
+    repeats = Dataset.from_dict({"anchor": ["a"] * 20, "positive": ["b"] * 20, "negative": ["c"] * 20})
+    short = Dataset.from_dict({c: [f"{c}{i}" for i in range(7)] for c in rows})
+    for data in (repeats, short):
+        sampler = SplitBatchSamplerFactory("no_duplicates", 2)(data, 4, True, generator=torch.Generator(), seed=1)
+        assert len(sampler) == 0 and list(sampler) == []
+    assert unbatchable_tasks({"repeats": repeats, "short": short, "fine": dataset}, 8) == {"repeats": 20, "short": 7}
