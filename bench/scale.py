@@ -197,10 +197,14 @@ def _pss_kb() -> int:
     return -1
 
 
-def child(stage: str, root: Path, steps: int, warmup: int) -> dict[str, Any]:
+def child(stage: str, root: Path, steps: int, warmup: int, threads: int) -> dict[str, Any]:
     """Run one stage in this process; returns its measurements (printed as JSON by ``main``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from gist_core.config import load_settings
 
     settings = load_settings(root)
@@ -263,11 +267,16 @@ def child(stage: str, root: Path, steps: int, warmup: int) -> dict[str, Any]:
     return out
 
 
+THREADS = 0  # torch threads per process (0: torch's default); set by --threads
+
+
 def run_stage(stage: str, root: Path, steps: int, warmup: int, ranks: int = 1) -> list[dict[str, Any]]:
     """Run a stage in a fresh process (or ``ranks`` torchrun processes); returns each process's measurements."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    if THREADS:
+        env["OMP_NUM_THREADS"] = str(THREADS)
     args = [str(Path(__file__).resolve()), "--child", stage, "--root", str(root), "--steps", str(steps)]
-    args += ["--warmup", str(warmup)]
+    args += ["--warmup", str(warmup), "--threads", str(THREADS)]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), *args]
     else:
@@ -335,6 +344,7 @@ def guide_passes(work: Path, models: tuple[Path, Path], size: int) -> dict[str, 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["mining"]["max_texts_per_task"] = 2000
     params["evaluate"]["tasks"] = ["STSBenchmark"]
+    params["gate"]["required_tasks"] = ["STSBenchmark"]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first = run_stage("passes", root, 10, 1)[0]
     again = run_stage("passes", root, 10, 1)[0]  # a rerun: everything comes from the store
@@ -415,14 +425,19 @@ def main() -> None:
     parser.add_argument("--torchrun-sizes", type=int, nargs="*", default=[1_000_000])
     parser.add_argument("--sampler", default="no_duplicates", choices=["no_duplicates", "no_duplicates_hashed"])
     parser.add_argument("--passes", type=int, default=0, help="records for the guide-pass accounting (0: skip)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per process (0: default; 1 is faster on a loaded machine)"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/gist-scale"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep each size's data and caches")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.root, args.steps, args.warmup)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.root, args.steps, args.warmup, args.threads)), flush=True)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     models = tiny_models(args.work / "models")
@@ -430,6 +445,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "command": "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/scale.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "torch_threads": args.threads or "default",
         "load_average_start": os.getloadavg(),
         "rows": rows,
     }

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
 TRAIN_METRICS_FILE = "train_metrics.json"
+MODEL_CARD_FULL_STATS_TASKS = 16  # above this many tasks the model card's statistics read a sample of each
+MODEL_CARD_SAMPLE_ROWS = 10
 TRAIN_ARROW_DIR = ".cache/train-datasets"  # the triplets as task-sorted Arrow files, memory-mapped by training
 TRAINER_STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
 # Settings that change neither the trained weights nor the batches: a run may resume across them.
@@ -246,12 +248,47 @@ def trainer_class() -> type:
     from sentence_transformers import SentenceTransformerTrainer
 
     class _Trainer(SentenceTransformerTrainer):
+        def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
+            datasets = self.train_dataset if isinstance(self.train_dataset, dict) else {}
+            if len(datasets) > MODEL_CARD_FULL_STATS_TASKS:
+                _sample_model_card_stats(self.model)  # before the callback computes the card's dataset statistics
+            super().add_model_card_callback(default_args_dict)
+
         def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
             if not self.args.should_save:
                 return
             super()._save(output_dir, state_dict=state_dict)
 
     return _Trainer
+
+
+def _sample_model_card_stats(model: Any) -> None:
+    """Keep the model card's per-dataset statistics to a few tasks and rows.
+
+    sentence-transformers tokenizes up to 1,000 rows of every training dataset for the model card
+    when the trainer starts, a few calls per column: with hundreds of tasks (MEDI has about 330) that
+    is minutes of start-up at scale. With more than ``MODEL_CARD_FULL_STATS_TASKS`` tasks the first
+    that many get statistics from their first ``MODEL_CARD_SAMPLE_ROWS`` rows, the rest their size,
+    columns and loss only (the card's template leaves the statistics out).
+    """
+    card = model.model_card_data
+    compute = card.compute_dataset_metrics
+    done: list[dict[str, Any]] = []
+
+    def sampled(dataset: Any, dataset_info: dict[str, Any], loss: Any, router_mapping: Any = None) -> dict[str, Any]:
+        if dataset is None or not hasattr(dataset, "select") or not len(dataset):
+            return compute(dataset, dataset_info, loss, router_mapping=router_mapping)
+        if len(done) < MODEL_CARD_FULL_STATS_TASKS:
+            head = dataset.select(range(min(len(dataset), MODEL_CARD_SAMPLE_ROWS)))
+            out = compute(head, dataset_info, loss, router_mapping=router_mapping)
+            done.append(out)
+        else:
+            columns = [c for c in dataset.column_names if c != "dataset_name"]
+            out = {**dataset_info, "columns": [f"<code>{c}</code>" for c in columns], "loss": done[0]["loss"]}
+        out["size"] = len(dataset)
+        return out
+
+    card.compute_dataset_metrics = sampled
 
 
 class _TrainingMonitor:
