@@ -80,7 +80,7 @@ EMBEDDINGS_FILE = "embeddings.npy"
 KEYS_FILE = "keys.npy"
 CHECKS_FILE = "checks.npy"
 ENCODE_BATCH_SIZE = 64
-TOKENIZE_CHUNK = 8192  # distinct texts tokenized at a time
+TOKENIZE_CHUNK = 1024  # distinct texts tokenized at a time (the fast tokenizer holds ~80 kB per text of a call)
 STORE_FLUSH = 65_536  # new embeddings gathered before they become one shard of the store
 PROGRESS_SECONDS = 30.0
 
