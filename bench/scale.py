@@ -308,6 +308,9 @@ def measure(size: int, work: Path, models: tuple[Path, Path], steps: int, warmup
     row: dict[str, Any] = {"records": size, "medi": shape}
     print(f"[{size}] data ...", file=sys.stderr, flush=True)
     (row["data"],) = run_stage("data", root, steps, warmup)
+    if args.data_only:
+        shutil.rmtree(root)
+        return row
     if size <= args.encode_max:
         print(f"[{size}] raw encode ...", file=sys.stderr, flush=True)
         (row["encode"],) = run_stage("encode", root, steps, warmup)
@@ -365,6 +368,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         small, big = by[100_000], by[1_000_000]
         growth = {}
         for stage in ("data", "guide_cache", "train"):
+            if stage not in big or stage not in small:
+                continue
             for metric in ("seconds", "peak_rss_mb"):
                 growth[f"{stage}.{metric}"] = _ratio(big[stage][metric], 10 * small[stage][metric])
         out["growth_1m_vs_10x_100k"] = growth
@@ -380,12 +385,13 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         }
     if 1_000_000 in by:
         r = by[1_000_000]
-        out["at_1m"] = {
-            "data_peak_rss_mb": r["data"]["peak_rss_mb"],
-            "step_vs_10k": _ratio(
-                r["train"]["step_seconds"], (by.get(10_000) or {}).get("train", {}).get("step_seconds")
-            ),
-        }
+        out["at_1m"] = {"data_peak_rss_mb": r["data"]["peak_rss_mb"]}
+        if "train" in r:
+            out["at_1m"] |= {
+                "step_vs_10k": _ratio(
+                    r["train"]["step_seconds"], (by.get(10_000) or {}).get("train", {}).get("step_seconds")
+                ),
+            }
         if "torchrun" in r:
             out["at_1m"]["two_ranks_pss_vs_one_rank_rss"] = _ratio(
                 r["torchrun"]["sum_pss_mb"], r["train"]["peak_rss_mb"]
@@ -403,6 +409,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head, "|" + "---:|" * 11]
     for r in rows:
+        if "guide_cache" not in r:
+            lines.append(f"| {r['records']:,} | {r['data']['seconds']} | {r['data']['peak_rss_mb']:.0f} |" + " - |" * 8)
+            continue
         enc = (r.get("encode") or {}).get("encode_seconds")
         tr = r.get("torchrun")
         ranks = f"{tr['sum_peak_rss_mb']:.0f} / {tr['sum_pss_mb']:.0f}" if tr else "-"
@@ -431,6 +440,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gist-scale"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep each size's data and caches")
+    parser.add_argument("--data-only", action="store_true", help="measure only the data stage")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
