@@ -38,7 +38,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,7 @@ import yaml
 
 from gist_core.config import Settings
 from gist_core.data.schema import TEXT_COLUMNS
-from gist_core.embedding_store import INPUT_TEXT, EmbeddingStore, string_keys
+from gist_core.embedding_store import INPUT_TEXT, KEY_DTYPE, EmbeddingStore, string_keys
 from gist_core.errors import DataError
 from gist_core.hashing import file_md5
 from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint
@@ -80,6 +80,7 @@ EMBEDDINGS_FILE = "embeddings.npy"
 KEYS_FILE = "keys.npy"
 CHECKS_FILE = "checks.npy"
 ENCODE_BATCH_SIZE = 64
+READ_ROWS = 65_536  # rows of the triplets file read at a time
 TOKENIZE_CHUNK = 1024  # distinct texts tokenized at a time (the fast tokenizer holds ~80 kB per text of a call)
 STORE_FLUSH = 65_536  # new embeddings gathered before they become one shard of the store
 PROGRESS_SECONDS = 30.0
@@ -120,33 +121,63 @@ class _Tokenized:
         return ids, mask
 
 
-def _tokenize(student: SentenceTransformer, texts: pa.Array) -> tuple[_Tokenized, np.ndarray, np.ndarray]:
-    """Tokenize every text with the student (as training will), in chunks: (ids, key hashes, check hashes)."""
+TextSource = Sequence[str] | Path
+
+
+def _text_batches(texts: TextSource) -> Iterator[list[str]]:
+    """The texts in batches: a triplets file's text columns streamed by row groups, or a list as given."""
+    if isinstance(texts, Path):
+        if not texts.is_file():
+            raise DataError(f"{texts}: prepared triplets not found; run `gist data` (or `dvc repro data`) first")
+        parquet = pq.ParquetFile(texts)
+        for column in TEXT_COLUMNS:
+            for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=[column]):
+                yield [str(t) for t in batch.column(0).to_pylist()]
+        return
+    items = list(texts)
+    for begin in range(0, len(items), READ_ROWS):
+        yield items[begin : begin + READ_ROWS]
+
+
+def _tokenize_distinct(
+    student: SentenceTransformer, texts: TextSource
+) -> tuple[_Tokenized, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Tokenize each distinct text once, streaming: (ids, key and check hashes, string keys, number of texts).
+
+    A first pass keeps only a 128-bit key per text to find the distinct ones; a second tokenizes
+    those (1,024 per call), so no text is held beyond its batch.
+    """
+    string_key_parts = [string_keys(batch) for batch in _text_batches(texts)]
+    all_keys = np.concatenate(string_key_parts) if string_key_parts else np.empty(0, KEY_DTYPE)
+    del string_key_parts
+    _, first = np.unique(all_keys, return_index=True)
+    is_first = np.zeros(len(all_keys), dtype=bool)
+    is_first[first] = True
+    distinct_keys = all_keys[np.sort(first)]
     dtype = np.uint16 if len(student.tokenizer) < 2**16 else np.int32
     parts, lengths, keys, checks = [], [], [], []
     extra: dict[str, Any] = {}
-    for begin in range(0, len(texts), TOKENIZE_CHUNK):
-        features = student.preprocess(texts.slice(begin, TOKENIZE_CHUNK).to_pylist())
-        extra = {k: v for k, v in features.items() if not hasattr(v, "shape")}
-        ids, mask = padded_ids(features)
-        key, check = sequence_hashes(ids, mask)
-        keys.append(key)
-        checks.append(check)
-        parts.append(ids[mask].astype(dtype))
-        lengths.append(mask.sum(axis=1))
-    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    offset = 0
+    for batch in _text_batches(texts):
+        chosen = [t for t, keep in zip(batch, is_first[offset : offset + len(batch)], strict=True) if keep]
+        offset += len(batch)
+        for begin in range(0, len(chosen), TOKENIZE_CHUNK):
+            features = student.preprocess(chosen[begin : begin + TOKENIZE_CHUNK])
+            extra = {k: v for k, v in features.items() if not hasattr(v, "shape")}
+            ids, mask = padded_ids(features)
+            key, check = sequence_hashes(ids, mask)
+            keys.append(key)
+            checks.append(check)
+            parts.append(ids[mask].astype(dtype))
+            lengths.append(mask.sum(axis=1))
+    offsets = np.zeros(len(distinct_keys) + 1, dtype=np.int64)
     if lengths:
         np.cumsum(np.concatenate(lengths), out=offsets[1:])
     flat = np.concatenate(parts) if parts else np.empty(0, dtype)
     empty = np.empty(0, np.uint64)
     keys_all = np.concatenate(keys) if keys else empty
-    return _Tokenized(flat, offsets, extra), keys_all, np.concatenate(checks) if checks else empty
-
-
-def _distinct_texts(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
-    column = texts if isinstance(texts, pa.Array | pa.ChunkedArray) else pa.array(list(texts), type=pa.large_string())
-    distinct = column.unique()
-    return distinct.combine_chunks() if isinstance(distinct, pa.ChunkedArray) else distinct
+    checks_all = np.concatenate(checks) if checks else empty
+    return _Tokenized(flat, offsets, extra), keys_all, checks_all, distinct_keys, len(all_keys)
 
 
 def store_input_form(student: SentenceTransformer, guide: SentenceTransformer, retokenized: bool) -> str:
@@ -160,7 +191,7 @@ def store_input_form(student: SentenceTransformer, guide: SentenceTransformer, r
 def embed_like_gist_loss(
     student: SentenceTransformer,
     guide: SentenceTransformer,
-    texts: Sequence[str] | pa.Array | pa.ChunkedArray,
+    texts: TextSource,
     batch_size: int = ENCODE_BATCH_SIZE,
     show_progress_bar: bool = False,
     allocate: Callable[[tuple[int, int]], np.ndarray] | None = None,
@@ -181,8 +212,7 @@ def embed_like_gist_loss(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    distinct = _distinct_texts(texts)
-    tokenized, key, check = _tokenize(student, distinct)
+    tokenized, key, check, text_keys, total = _tokenize_distinct(student, texts)
     index, first, _ = dedup(key, check, "guide-embedding cache")
     retokenized = must_retokenize(student, guide)
     dim = guide.get_embedding_dimension()
@@ -190,7 +220,7 @@ def embed_like_gist_loss(
     lengths = tokenized.offsets[first + 1] - tokenized.offsets[first]
     order = np.argsort(lengths, kind="stable")  # entry rows, shortest first
     tokenize_seconds = time.perf_counter() - started
-    counts = {"texts": len(texts), "distinct_texts": len(distinct), "entries": len(index), "embedded": 0}
+    counts = {"texts": total, "distinct_texts": len(text_keys), "entries": len(index), "embedded": 0}
     pending_keys: list[np.ndarray] = []
     pending_vectors: list[np.ndarray] = []
     forward_seconds, last_log = 0.0, time.perf_counter()
@@ -213,9 +243,9 @@ def embed_like_gist_loss(
                     inputs = student.tokenizer.batch_decode(
                         [r[m].tolist() for r, m in zip(ids, mask, strict=True)], skip_special_tokens=True
                     )
-                else:
-                    inputs = distinct.take(pa.array(first[rows])).to_pylist()
-                skeys = string_keys(inputs)
+                    skeys = string_keys(inputs)
+                else:  # the guide reads the student's ids; the store knows the input by its text's key
+                    skeys = text_keys[first[rows]]
                 found, vectors = store.lookup(skeys, dim) if store is not None else (np.zeros(len(rows), bool), None)
                 if vectors is not None and found.any():
                     out[rows[found]] = vectors[found]
@@ -427,7 +457,6 @@ def build_guide_cache(
 ) -> dict[str, Any]:
     """Load the guide at the student's ``max_seq_length``, embed every triplet text in chunks, write the cache."""
     identity = identity or cache_identity(guide_ref, student, triplets, dtype)
-    texts = triplet_texts(triplets)
     guide = load_sentence_transformer(guide_ref, student.max_seq_length, device)
     store = None
     if store_root is not None:
@@ -441,7 +470,7 @@ def build_guide_cache(
         return np.lib.format.open_memmap(staged / EMBEDDINGS_FILE, mode="w+", dtype=identity.dtype, shape=shape)
 
     cached = embed_like_gist_loss(
-        student, guide, texts, show_progress_bar=show_progress_bar, allocate=allocate, store=store, stats=stats
+        student, guide, triplets, show_progress_bar=show_progress_bar, allocate=allocate, store=store, stats=stats
     )
     if isinstance(cached.embeddings, np.memmap):
         cached.embeddings.flush()
