@@ -33,6 +33,8 @@ with this guide and max length (by mining, the audit, or an earlier cache) is no
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -74,6 +76,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+try:  # glibc's malloc_trim, to return freed heap during long builds (absent elsewhere: then nothing is trimmed)
+    _LIBC: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - probe the symbol
+except (OSError, AttributeError):
+    _LIBC = None
+
 GUIDE_CACHE_STAGE = "guide_cache"
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
@@ -84,6 +92,7 @@ ENCODE_BATCH_SIZE = 64
 READ_ROWS = 16_384  # rows of the triplets file read at a time
 TOKENIZE_CHUNK = 256  # texts per tokenizer call: larger calls leave tens of MB of allocator fragmentation behind
 STORE_FLUSH = 65_536  # new embeddings gathered before they become one shard of the store
+RELEASE_ROWS = 4096  # entries written between releases of the output's pages and of freed heap
 PROGRESS_SECONDS = 30.0
 
 
@@ -182,11 +191,14 @@ def _tokenize_distinct(
 
 
 def _release_pages(out: np.ndarray) -> None:
-    """Write a memory-mapped output's dirty pages and drop them from this process's memory (they stay on disk)."""
+    """Write a memory-mapped output's dirty pages and drop them from this process's memory (they stay on disk),
+    and hand freed heap back to the system (tokenizer and forward allocations of varying sizes fragment it)."""
     mapped = getattr(out, "_mmap", None)
     if isinstance(out, np.memmap) and mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
         out.flush()
         mapped.madvise(mmap.MADV_DONTNEED)
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def store_input_form(student: SentenceTransformer, guide: SentenceTransformer, retokenized: bool) -> str:
@@ -232,7 +244,7 @@ def embed_like_gist_loss(
     counts = {"texts": total, "distinct_texts": len(text_keys), "entries": len(index), "embedded": 0}
     pending_keys: list[np.ndarray] = []
     pending_vectors: list[np.ndarray] = []
-    forward_seconds, last_log = 0.0, time.perf_counter()
+    forward_seconds, last_log, since_release = 0.0, time.perf_counter(), 0
 
     def flush() -> None:
         if store is not None and pending_keys:
@@ -281,6 +293,9 @@ def embed_like_gist_loss(
                 counts["embedded"] += len(todo)
                 if sum(len(k) for k in pending_keys) >= STORE_FLUSH:
                     flush()
+                since_release += len(rows)
+                if since_release >= RELEASE_ROWS:
+                    since_release = 0
                     _release_pages(out)
                 bar.update(len(rows))
                 if time.perf_counter() - last_log > PROGRESS_SECONDS:
