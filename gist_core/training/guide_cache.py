@@ -154,8 +154,7 @@ def _tokenize_distinct(
 ) -> tuple[_Tokenized, np.ndarray, np.ndarray, np.ndarray, int]:
     """Tokenize each distinct text once, streaming: (ids, key and check hashes, string keys, number of texts).
 
-    A first pass keeps only a 128-bit key per text to find the distinct ones; a second tokenizes
-    those (1,024 per call), so no text is held beyond its batch.
+    A first pass keeps a 128-bit key per text to find the distinct ones; a second tokenizes those.
     """
     string_key_parts = [string_keys(batch) for batch in _text_batches(texts)]
     all_keys = np.concatenate(string_key_parts) if string_key_parts else np.empty(0, KEY_DTYPE)
@@ -191,8 +190,7 @@ def _tokenize_distinct(
 
 
 def _release_pages(out: np.ndarray) -> None:
-    """Write a memory-mapped output's dirty pages and drop them from this process's memory (they stay on disk),
-    and hand freed heap back to the system (tokenizer and forward allocations of varying sizes fragment it)."""
+    """Write and drop a memory-mapped output's pages (they stay on disk), and return freed heap to the system."""
     mapped = getattr(out, "_mmap", None)
     if isinstance(out, np.memmap) and mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
         out.flush()
