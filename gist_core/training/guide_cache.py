@@ -67,14 +67,13 @@ from gist_core.training.cache_index import (
     token_key_hashes,
 )
 from gist_core.training.runtime import pick_device, resolve_models
-
-__all__ = ["Key", "KeyIndex", "feature_keys", "token_key_hashes"]
 from gist_core.versioning import run_dvc
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
+__all__ = ["Key", "KeyIndex", "feature_keys", "token_key_hashes"]  # the key index, as callers imported it
 
 try:  # glibc's malloc_trim, to return freed heap during long builds (absent elsewhere: then nothing is trimmed)
     _LIBC: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
