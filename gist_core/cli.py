@@ -101,12 +101,16 @@ def cli_settings(root: Path, overrides: list[str] | None = None) -> Settings:
 def data(
     root: RootOpt = Path("."),
     step: Annotated[
-        Literal["all", "mine", "combine"],
-        typer.Option(help="mine: the DVC `mine` stage; combine: the DVC `data` stage; all: both"),
+        Literal["all", "embed", "mine", "combine"],
+        typer.Option(help="embed, mine: the DVC stages of those names; combine: the DVC `data` stage; all: the three"),
     ] = "all",
 ) -> None:
     """Build the training triplets: mine the classification sets, add MEDI, audit (`dvc repro data` runs both steps)."""
     settings = cli_settings(root)
+    if step == "embed":
+        manifest = stages.run_embed_stage(settings)
+        typer.echo(f"{manifest['entries']} guide embeddings -> {settings.data.embeddings}")
+        return
     if step == "mine":
         mined = stages.run_mine_stage(settings)
         typer.echo(f"{len(mined.triplets)} mined triplets -> {settings.data.mined}")

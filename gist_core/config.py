@@ -117,6 +117,7 @@ class DataSettings(_Section):
     max_per_task: int | None = Field(2000, ge=1, description="cap on triplets per task (None: all)")
     max_text_chars: int = Field(20_000, ge=1, description="longer texts are quarantined")
     max_bad_fraction: float = Field(0.5, ge=0, le=1, description="fail when more of a file's rows are malformed")
+    embeddings: str = "data/prepared/guide_embeddings"
     mined: str = "data/prepared/mined"
     output: str = "data/prepared/triplets.parquet"
     report: str = "reports/data.json"
@@ -160,7 +161,7 @@ class TrainSettings(_Section):
     learning_rate: float = Field(2e-5, gt=0, lt=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(64, ge=8, le=8192)
-    batch_sampler: Literal["no_duplicates", "batch_sampler"] = "no_duplicates"
+    batch_sampler: Literal["no_duplicates", "no_duplicates_hashed", "batch_sampler"] = "no_duplicates"
     task_homogeneous_batches: bool = True
     logging_steps: int = Field(5, ge=1)
     # GIST false-negative masking (sentence-transformers' GISTEmbedLoss options).
@@ -170,6 +171,9 @@ class TrainSettings(_Section):
     contrast_positives: bool = True
     guide_cache: bool = Field(True, description="look the frozen guide's embeddings up instead of running it")
     guide_cache_dir: str = "data/prepared/guide_cache"
+    guide_cache_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="storage of the cached guide embeddings; float16 halves it (parity error in docs)"
+    )
     mini_batch_size: int | None = Field(None, ge=1, description="GradCache mini-batch (None: no GradCache)")
     save_steps: int | None = Field(10, ge=1, description="checkpoint every N steps for resuming (None: never)")
     checkpoints_dir: str = "outputs/checkpoints"

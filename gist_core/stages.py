@@ -17,7 +17,7 @@ from gist_core.catalogue import HUB_PREFIX
 from gist_core.config import Settings
 from gist_core.data.audit import DataReport
 from gist_core.data.mine import Mined
-from gist_core.data.stage import data_stage, mine_stage
+from gist_core.data.stage import data_stage, embed_stage, mine_stage
 from gist_core.errors import DataError, EvaluationError, RegistryError
 from gist_core.evaluation.evaluate import score_model
 from gist_core.evaluation.summary import plot_deltas, scores_to_metrics, summarize, summary_markdown, summary_metrics
@@ -102,6 +102,11 @@ def preflight(settings: Settings) -> None:
             )
     cfg = settings.evaluate
     build_tasks(cfg.tasks, settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root)
+
+
+def run_embed_stage(settings: Settings) -> dict[str, Any]:
+    """Embed every text the data stages show the guide into ``data.embeddings`` (the DVC `embed` stage's command)."""
+    return embed_stage(settings)
 
 
 def run_mine_stage(settings: Settings) -> Mined:

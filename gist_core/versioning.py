@@ -135,18 +135,45 @@ def version_data(root: Path, out_path: str, stage: str = DATA_STAGE, push: bool 
     return DataVersion(stage, out_path, lock_md5(root, stage, out_path), default_remote(root))
 
 
+DVC_LOCK_SUFFIX = "-dvc.lock"  # HEAD plus the dvc.lock (and the stage outputs git tracks) that `dvc repro` wrote
+
+
+def dvc_written_files(root: Path) -> set[str]:
+    """The git-tracked files ``dvc repro`` writes: dvc.lock and the stage outputs kept in git (``cache: false``)."""
+    written = {"dvc.lock"}
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return written
+    for stage in stages.values():
+        for section in ("outs", "metrics", "plots"):
+            for entry in stage.get(section) or []:
+                name, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                if isinstance(options, dict) and options.get("cache") is False:
+                    written.add(str(name))
+    return written
+
+
 def git_commit(root: Path) -> str:
-    """The HEAD commit, suffixed with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
+    """The HEAD commit a run was made from, with what differs from it.
+
+    ``<sha>`` when no tracked file differs; ``<sha>-dvc.lock`` when the only differences are what
+    ``dvc repro`` writes (dvc.lock and the git-tracked stage outputs: a pipeline run that made a new
+    data version and has not been committed yet); ``<sha>-dirty`` when anything else (code, params)
+    differs; ``unknown`` outside git.
+    """
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "diff", "--name-only", "HEAD", "--relative"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head + ("-dirty" if dirty else "")
+    if not changed:
+        return head
+    return head + (DVC_LOCK_SUFFIX if set(changed) <= dvc_written_files(root) else "-dirty")
 
 
 @dataclass(frozen=True)

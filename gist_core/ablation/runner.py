@@ -56,6 +56,7 @@ def _source_triplets(settings: Settings, arm: AblationArm) -> Path:
     folder = variant_dir(settings, variant_of(arm)) / "prepared"
     overrides: dict[str, Any] = {f"data.mining.{k}": v for k, v in arm.mining.items()}
     overrides |= {
+        "data.embeddings": str(folder / "guide_embeddings"),
         "data.mined": str(folder / "mined"),
         "data.output": str(folder / "triplets.parquet"),
         "data.report": str(folder / "data.json"),

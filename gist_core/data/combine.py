@@ -15,26 +15,32 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gist_core.config import DataSettings
 from gist_core.data.audit import DataReport, SourceReport, render_markdown, similarity_summary
-from gist_core.data.contamination import ContaminationIndex
-from gist_core.data.guide_encoder import GuideEncoder
+from gist_core.data.contamination import ContaminationIndex, arrow_strings
+from gist_core.data.guide_encoder import TextEmbedder
 from gist_core.data.medi import MediData, load_medi
 from gist_core.data.mine import Mined, mine_all
 from gist_core.data.mining import row_similarity
-from gist_core.data.schema import OUTPUT_COLUMNS, triplet_table
+from gist_core.data.schema import OUTPUT_COLUMNS, TEXT_COLUMNS, schema, triplet_table
 from gist_core.hashing import seed_for
-from gist_core.readers import SkippedRow, skipped_row, write_skipped
+from gist_core.readers import QUARANTINE_COLUMNS, SkippedRow, skipped_frame, write_skipped
 
 log = logging.getLogger(__name__)
+
+
+VERDICT_CHUNK = 65_536  # rows scored by the guide at a time
+WRITE_ROWS = 131_072  # rows per Parquet row group of the output
 
 
 def _medi_frame(medi: MediData) -> pd.DataFrame:
     frame = medi.triplets.rename(columns={"row": "source_row"}).assign(source=medi.report.name)
     for column in ("anchor_label", "positive_label", "negative_label"):
-        frame[column] = None
+        frame[column] = pd.Series(pd.NA, index=frame.index, dtype="str")
     for column in ("guide_pos_sim", "guide_neg_sim"):
         frame[column] = np.float32(np.nan)
     return frame[OUTPUT_COLUMNS]
@@ -42,26 +48,55 @@ def _medi_frame(medi: MediData) -> pd.DataFrame:
 
 def _remove(
     data: pd.DataFrame,
-    mask: pd.Series,
+    mask: np.ndarray,
     reports: dict[str, SourceReport],
-    skipped: list[SkippedRow],
+    removed: list[pd.DataFrame],
     bucket: str,
     reasons: pd.Series | str,
-    fld: str | pd.Series = "anchor",
+    fld: pd.Series | str = "anchor",
 ) -> pd.DataFrame:
-    """Drop ``mask`` rows, counting each in its source's ``bucket`` and listing it as skipped."""
+    """Drop ``mask`` rows, counting each in its source's ``bucket`` and listing it, all vectorised."""
+    mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return data
-    removed = data[mask]
-    why = reasons[mask] if isinstance(reasons, pd.Series) else pd.Series(reasons, index=removed.index)
-    where = fld[mask] if isinstance(fld, pd.Series) else pd.Series(fld, index=removed.index)
-    for source, row, text, reason, column in zip(
-        removed["source"], removed["source_row"], removed["anchor"], why, where, strict=True
-    ):
-        report = reports[source]
-        report.count(bucket, reason)
-        skipped.append(skipped_row(report.file, row, column, reason, text))
+    gone = data[mask]
+    why = reasons[mask].reset_index(drop=True) if isinstance(reasons, pd.Series) else reasons
+    where = fld[mask].reset_index(drop=True) if isinstance(fld, pd.Series) else fld
+    files = gone["source"].map({name: r.file for name, r in reports.items()}).reset_index(drop=True)
+    frame = skipped_frame(files.astype(object), gone["source_row"].to_numpy(), where, why, gone["anchor"])
+    removed.append(frame)
+    counts = pd.DataFrame({"source": gone["source"].to_numpy(dtype=object), "reason": frame["reason"]})
+    for (source, reason), n in counts.value_counts(sort=False).items():
+        reports[str(source)].count(bucket, str(reason), int(n))
     return data[~mask]
+
+
+def _duplicated(data: pd.DataFrame) -> np.ndarray:
+    """Rows that repeat an earlier row's (anchor, positive, negative), via Arrow's hash-based dictionary codes."""
+    codes = [
+        pc.dictionary_encode(arrow_strings(data[c])).combine_chunks().indices.to_numpy(zero_copy_only=False)
+        for c in TEXT_COLUMNS
+    ]
+    return pd.DataFrame(dict(zip(TEXT_COLUMNS, codes, strict=True))).duplicated(keep="first").to_numpy()
+
+
+def _guide_verdicts(data: pd.DataFrame, guide: TextEmbedder) -> None:
+    """Score rows without a verdict: the guide's sim(anchor, positive) and sim(anchor, negative), in chunks."""
+    todo = np.flatnonzero((data["guide_pos_sim"].isna() | data["guide_neg_sim"].isna()).to_numpy())
+    pos = data["guide_pos_sim"].to_numpy(dtype=np.float32, copy=True)
+    neg = data["guide_neg_sim"].to_numpy(dtype=np.float32, copy=True)
+    for begin in range(0, len(todo), VERDICT_CHUNK):
+        rows = todo[begin : begin + VERDICT_CHUNK]
+        part = data.iloc[rows]
+        columns = [arrow_strings(part[c]) for c in TEXT_COLUMNS]
+        texts = pa.chunked_array([chunk for column in columns for chunk in column.chunks]).unique()
+        embeddings = guide.embed(texts.to_pylist(), pass_name="verdicts")
+        a, p, n = (pc.index_in(column, value_set=texts).to_numpy(zero_copy_only=False) for column in columns)
+        pos[rows] = row_similarity(embeddings, a.astype(np.int64), p.astype(np.int64))
+        neg[rows] = row_similarity(embeddings, a.astype(np.int64), n.astype(np.int64))
+        log.info("guide verdicts: %d of %d rows scored", min(begin + VERDICT_CHUNK, len(todo)), len(todo))
+    data["guide_pos_sim"] = pos
+    data["guide_neg_sim"] = neg
 
 
 def combine(
@@ -69,40 +104,43 @@ def combine(
     medi: MediData | None,
     settings: DataSettings,
     seed: int,
-    guide: GuideEncoder | None = None,
+    guide: TextEmbedder | None = None,
     contamination: ContaminationIndex | None = None,
-) -> tuple[pd.DataFrame, DataReport, list[SkippedRow]]:
-    """Union, decontaminate, deduplicate, cap and score: the final training triplets and their report."""
+) -> tuple[pd.DataFrame, DataReport, pd.DataFrame]:
+    """Union, decontaminate, deduplicate, cap and score: the final training triplets, their report, the removed rows.
+
+    Every step is vectorised (Arrow kernels, numpy), so its cost per row is a few machine
+    instructions and its memory a few arrays beside the triplets.
+    """
     reports = [SourceReport.from_dict(asdict(r)) for r in mined.reports]  # do not mutate the input
-    skipped = list(mined.skipped)
+    removed: list[pd.DataFrame] = [pd.DataFrame([vars(s) for s in mined.skipped], columns=QUARANTINE_COLUMNS)]
     frames = [mined.triplets[OUTPUT_COLUMNS]]
     if medi is not None:
         reports.append(SourceReport.from_dict(asdict(medi.report)))
-        skipped.extend(medi.skipped)
+        removed.append(medi.removed())
         frames.append(_medi_frame(medi))
     by_name = {r.name: r for r in reports}
     data = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
 
     found = Counter(mined.contamination)
     if contamination is not None and len(data):
-        where = pd.Series(None, index=data.index, dtype=object)
-        column = pd.Series(None, index=data.index, dtype=object)
-        for col in ("anchor", "positive", "negative"):
-            hit = data[col].map(contamination.match)
-            new = where.isna() & hit.notna()
+        where = np.full(len(data), None, dtype=object)
+        column = np.full(len(data), None, dtype=object)
+        for col in TEXT_COLUMNS:
+            hit = contamination.match_column(data[col])
+            new = pd.isna(where) & ~pd.isna(hit)
             where[new], column[new] = hit[new], col
-        hit = where.notna()
-        found.update(where[hit].tolist())
+        hit = ~pd.isna(where)
+        found.update(pd.Series(where[hit], dtype=object).value_counts().to_dict())
         if settings.contamination.remove:
-            reasons = "text in evaluation split " + where.fillna("")
-            data = _remove(data, hit, by_name, skipped, "decontaminated", reasons, column)
+            reasons = pd.Series("text in evaluation split " + pd.Series(where, dtype=object).fillna(""), dtype=object)
+            data = _remove(data, hit, by_name, removed, "decontaminated", reasons, pd.Series(column, dtype=object))
 
-    dupes = data.duplicated(subset=["anchor", "positive", "negative"], keep="first")
-    data = _remove(data, dupes, by_name, skipped, "duplicates", "duplicate triplet")
+    data = _remove(data, _duplicated(data), by_name, removed, "duplicates", "duplicate triplet")
 
     if settings.max_per_task is not None:
-        over = pd.Series(False, index=data.index)
-        for task, index in sorted(data.groupby("task_name", sort=False).groups.items()):
+        over = np.zeros(len(data), dtype=bool)
+        for task, index in sorted(data.groupby("task_name", sort=False).indices.items()):
             if len(index) > settings.max_per_task:
                 rng = np.random.default_rng(seed_for(seed, f"{task}:cap"))
                 keep = rng.choice(len(index), size=settings.max_per_task, replace=False)
@@ -113,25 +151,16 @@ def combine(
         data = data[~over]
     data = data.reset_index(drop=True)
 
-    if settings.audit.guide_verdicts and guide is not None:
-        todo = data["guide_pos_sim"].isna() | data["guide_neg_sim"].isna()
-        if todo.any():
-            part = data[todo]
-            texts = list(dict.fromkeys([*part["anchor"], *part["positive"], *part["negative"]]))
-            embeddings = guide.embed(texts)
-            index = {t: i for i, t in enumerate(texts)}
-            a, p, n = (part[c].map(index).to_numpy() for c in ("anchor", "positive", "negative"))
-            data.loc[todo, "guide_pos_sim"] = row_similarity(embeddings, a, p)
-            data.loc[todo, "guide_neg_sim"] = row_similarity(embeddings, a, n)
+    if settings.audit.guide_verdicts and guide is not None and len(data):
+        _guide_verdicts(data, guide)
     data["guide_pos_sim"] = data["guide_pos_sim"].astype(np.float32)
     data["guide_neg_sim"] = data["guide_neg_sim"].astype(np.float32)
 
+    sources = data["source"].to_numpy(dtype=object)
     for report in reports:
-        mine = data["source"] == report.name
+        mine = sources == report.name
         report.kept = int(mine.sum())
-        similarity_summary(
-            report, data.loc[mine, "guide_pos_sim"].to_numpy(), data.loc[mine, "guide_neg_sim"].to_numpy()
-        )
+        similarity_summary(report, data["guide_pos_sim"].to_numpy()[mine], data["guide_neg_sim"].to_numpy()[mine])
     flagged = data[data["guide_neg_sim"] >= data["guide_pos_sim"]].head(settings.audit.examples)
     examples = [
         {
@@ -157,6 +186,7 @@ def combine(
         flagged_examples=examples,
     )
     report.check_identity()
+    skipped = pd.concat([f for f in removed if len(f)] or removed[:1], ignore_index=True)
     return data[OUTPUT_COLUMNS], report, skipped
 
 
@@ -164,9 +194,9 @@ def prepare_data(
     settings: DataSettings,
     root: Path,
     seed: int,
-    guide: GuideEncoder | None = None,
+    guide: TextEmbedder | None = None,
     contamination: ContaminationIndex | None = None,
-) -> tuple[pd.DataFrame, DataReport, list[SkippedRow]]:
+) -> tuple[pd.DataFrame, DataReport, pd.DataFrame]:
     """Both steps in memory: mine the classification sources, load MEDI, combine and audit.
 
     ``guide`` is required for ``mining.positive_strategy: guide_topk`` and gives every kept
@@ -188,7 +218,7 @@ def load_configured_medi(settings: DataSettings, root: Path) -> MediData | None:
 def write_outputs(
     data: pd.DataFrame,
     report: DataReport,
-    skipped: list[SkippedRow],
+    skipped: pd.DataFrame | list[SkippedRow],
     output: Path,
     report_path: Path,
     quarantine: Path,
@@ -204,9 +234,14 @@ def write_outputs(
     if frame["source_row"].isna().any():
         frame["source_row"] = frame["source_row"].fillna(0)
     tmp = output.with_suffix(output.suffix + ".tmp")
-    pq.write_table(triplet_table(frame), tmp)
+    with pq.ParquetWriter(tmp, schema()) as writer:  # in row groups: no second full copy of the table
+        for begin in range(0, len(frame), WRITE_ROWS):
+            writer.write_table(triplet_table(frame.iloc[begin : begin + WRITE_ROWS]), row_group_size=WRITE_ROWS)
     tmp.replace(output)
     report_path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-    write_skipped(skipped, quarantine)
+    if isinstance(skipped, pd.DataFrame):
+        write_skipped([], quarantine, [skipped])
+    else:
+        write_skipped(skipped, quarantine)
     if markdown is not None:
         markdown.write_text(render_markdown(report))

@@ -2,7 +2,9 @@
 
 The match is exact after ``normalize_text`` (lowercase, whitespace runs collapsed, ends stripped),
 against the evaluation splits of the local tasks (``gist_core.catalogue``), read with the same
-readers as the evaluation itself.
+readers as the evaluation itself. ``normalize_texts`` is the same rule on a whole column at once
+(Arrow kernels for ASCII texts, ``normalize_text`` itself for the rest), so the data stage never
+runs Python per row to check a million texts; ``ContaminationIndex.match_column`` looks a column up.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from gist_core.catalogue import LOCAL_TASKS, SPECS, eval_split_texts
 from gist_core.config import Settings
 
@@ -22,6 +29,42 @@ log = logging.getLogger(__name__)
 def normalize_text(text: str) -> str:
     """Lowercase, whitespace runs collapsed to one space, ends stripped: the contamination match key."""
     return " ".join(text.split()).lower()
+
+
+# What str.split() splits on among ASCII characters (\x1c-\x1f are whitespace to Python too).
+_ASCII_WHITESPACE_RUN = "[\t\n\x0b\x0c\r\x1c-\x1f ]+"
+
+
+def arrow_strings(values: pd.Series | pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """A column of texts as an Arrow array (zero-copy for pandas' Arrow-backed strings)."""
+    if isinstance(values, pa.ChunkedArray):
+        return values
+    if isinstance(values, pa.Array):
+        return pa.chunked_array([values])
+    array = values.array if isinstance(values, pd.Series) else values
+    if hasattr(array, "__arrow_array__"):
+        converted = pa.array(array)
+    else:
+        converted = pa.array(np.asarray(array, dtype=object), type=pa.large_string())
+    return converted if isinstance(converted, pa.ChunkedArray) else pa.chunked_array([converted])
+
+
+def normalize_texts(values: pd.Series | pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """``normalize_text`` of every value of a column, vectorised; equal to it value by value.
+
+    ASCII texts go through Arrow kernels (whitespace runs to one space, trimmed, lowercased: the
+    same result as Python's rule on ASCII); any other text, whose case mapping and whitespace
+    Python and Arrow may define differently, goes through ``normalize_text`` itself.
+    """
+    column = arrow_strings(values)
+    out = pc.utf8_lower(pc.utf8_trim(pc.replace_substring_regex(column, _ASCII_WHITESPACE_RUN, " "), " "))
+    other = np.flatnonzero(~pc.fill_null(pc.string_is_ascii(column), True).to_numpy(zero_copy_only=False))
+    if len(other):
+        exact = out.to_numpy(zero_copy_only=False).astype(object)
+        texts = column.take(pa.array(other)).to_pylist()
+        exact[other] = [normalize_text(t) for t in texts]
+        out = pa.chunked_array([pa.array(exact, type=column.type)])
+    return out
 
 
 @dataclass
@@ -35,6 +78,16 @@ class ContaminationIndex:
 
     def match(self, text: str) -> str | None:
         return self.where.get(normalize_text(text))
+
+    def match_column(self, values: pd.Series | pa.ChunkedArray) -> np.ndarray:
+        """The ``Task/split`` each text of a column appears in (None where it appears in none), vectorised."""
+        keys = list(self.where)
+        if not keys:
+            return np.full(len(values), None, dtype=object)
+        found = pc.index_in(normalize_texts(values), value_set=pa.array(keys, type=pa.large_string()))
+        positions = found.to_numpy(zero_copy_only=False)
+        splits = np.array([self.where[k] for k in keys] + [None], dtype=object)
+        return splits[np.where(np.isnan(positions), len(keys), positions).astype(np.int64)]
 
     def describe(self) -> dict[str, Any]:
         return {

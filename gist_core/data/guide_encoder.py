@@ -1,93 +1,64 @@
-"""The guide's embeddings for mining and the audit: ``GuideEncoder``, through an on-disk cache.
+"""The guide's embeddings for mining and the audit: ``GuideEncoder``, through the shared embedding store.
 
-``GuideEncoder`` embeds texts with the guide (L2-normalised float32) through a cache keyed by
-(guide fingerprint, max_seq_length, sha256 of the text): a rerun, or a second mining run with
-other settings, encodes only texts it has never seen.
+``GuideEncoder`` embeds texts with the guide (L2-normalised float32) through an ``EmbeddingStore``
+(``gist_core.embedding_store``) keyed by (guide fingerprint, max_seq_length, the exact text): a
+rerun, a second mining run with other settings, or the training cache of the same guide and length
+encodes only texts the store has never seen. It counts, per pass, the texts asked for, found and
+encoded, and the seconds spent encoding.
 
-The cache is deliberately not a DVC output: it is a pure function of the guide's weights and the
-text, so it can never be stale, and tracking it would push hundreds of MB of floats that any
-machine can recompute. Caveat: an embedding depends on the batch it was computed in at the level
-of float rounding (~1e-7). A text's vector never changes once cached, so reruns on a machine are
-byte-identical; on a machine whose cache was filled by a different history of runs, a handful of
-sampled positives can differ.
+The store is not what versions the data: the embeddings mining used are the DVC output of the
+``embed`` stage (``gist_core.data.embed``), which mining reads; the store only saves recomputing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from gist_core.config import Settings
+from gist_core.embedding_store import EmbeddingStore, string_keys
 from gist_core.errors import DataError, ModelError
-from gist_core.hashing import text_digest
 from gist_core.models import ensure_available, load_sentence_transformer, model_fingerprint, resolve_model
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+STORE_CHUNK = 65_536  # new embeddings gathered before they are stored as one shard
+ENCODE_CHUNK = 8192  # texts encoded per call (a progress line after each)
 
 
-class EmbeddingCache:
-    """Guide embeddings on disk: ``<root>/<identity hash>/shard-*.npz`` with ``keys`` and ``vectors``.
+class TextEmbedder(Protocol):
+    """What mining and the audit need of the guide: unit-length embeddings of texts, and its identity."""
 
-    Shards are only ever added (atomically: written to a temporary name, then renamed), so
-    concurrent runs can share a cache folder.
-    """
+    name: str
+    fingerprint: str
 
-    def __init__(self, root: Path, identity: dict[str, Any]) -> None:
-        digest = hashlib.sha256(json.dumps({**identity, "format": CACHE_FORMAT}, sort_keys=True).encode())
-        self.folder = root / digest.hexdigest()[:24]
-        self.identity = identity
+    def embed(self, texts: Sequence[str], pass_name: str = "embed") -> np.ndarray: ...
 
-    def load(self) -> dict[bytes, np.ndarray]:
-        found: dict[bytes, np.ndarray] = {}
-        for shard in sorted(self.folder.glob("shard-*.npz")):
-            try:
-                with np.load(shard) as data:
-                    keys, vectors = data["keys"], data["vectors"]
-            except (OSError, ValueError, KeyError) as err:
-                log.warning("guide-embedding cache: ignoring unreadable shard %s (%s)", shard, err)
-                continue
-            for key, vector in zip(keys, vectors, strict=True):
-                found.setdefault(key.tobytes(), vector)
-        return found
 
-    def save(self, keys: Sequence[bytes], vectors: np.ndarray) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        meta = self.folder / "guide.json"
-        if not meta.is_file():
-            meta.write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
-        name = hashlib.sha256(b"".join(keys)).hexdigest()[:16]
-        final = self.folder / f"shard-{name}.npz"
-        tmp = self.folder / f".shard-{name}.{os.getpid()}.tmp"
-        with tmp.open("wb") as fh:
-            # keys as raw uint8 rows: a fixed-width bytes dtype would drop a digest's trailing NUL bytes
-            raw_keys = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
-            np.savez(fh, keys=raw_keys, vectors=np.asarray(vectors, dtype=np.float32))
-        tmp.replace(final)
-        return final
+def normalized(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0).astype(np.float32)
 
 
 class GuideEncoder:
-    """Embeds texts with the guide (L2-normalised, float32), through an ``EmbeddingCache``.
+    """Embeds texts with the guide (L2-normalised, float32), through an ``EmbeddingStore``.
 
-    The model is loaded on first need: when every text is cached, it is never loaded.
+    The model is loaded on first need: when every text is stored, it is never loaded.
 
     Args:
         name: the guide's reference (``base.guide``), for the report.
-        fingerprint: a content hash of its weights (or ``hub:<id>``): the cache's identity.
+        fingerprint: a content hash of its weights (or ``hub:<id>``): the store's identity.
         load_model: returns an object with sentence-transformers' ``encode``.
-        max_seq_length: the guide's token limit for mining (part of the cache identity).
+        max_seq_length: the guide's token limit for mining (part of the store's identity).
         batch_size: encode batch size.
-        cache_root: the cache folder; None disables the on-disk cache.
+        cache_root: the store's folder; None keeps embeddings in memory for this run only.
     """
 
     def __init__(
@@ -105,39 +76,91 @@ class GuideEncoder:
         self.batch_size = batch_size
         self._load_model = load_model
         self._model: Any = None
-        identity = {"guide_fingerprint": fingerprint, "max_seq_length": max_seq_length, "normalized": True}
-        self.cache = EmbeddingCache(cache_root, identity) if cache_root is not None else None
-        self._known: dict[bytes, np.ndarray] | None = None
+        self.store = EmbeddingStore(cache_root, fingerprint, max_seq_length) if cache_root is not None else None
+        self._memory: dict[bytes, np.ndarray] = {}
         self.encoded = 0
         self.from_cache = 0
         self.seconds = 0.0
+        self.passes: dict[str, dict[str, float]] = {}
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if self._known is None:
-            self._known = self.cache.load() if self.cache is not None else {}
-        keys = [text_digest(t) for t in texts]
-        missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._known}
-        self.from_cache += len(set(keys)) - len(missing)
-        if missing:
-            if self._model is None:
-                self._model = self._load_model()
-            started = time.perf_counter()
-            vectors = self._model.encode(
-                list(missing.values()),
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        if self._model is None:
+            self._model = self._load_model()
+        started = time.perf_counter()
+        vectors = np.asarray(
+            self._model.encode(
+                texts,
                 batch_size=self.batch_size,
-                normalize_embeddings=True,
+                normalize_embeddings=False,
                 convert_to_numpy=True,
                 show_progress_bar=False,
-            ).astype(np.float32)
-            self.seconds += time.perf_counter() - started
-            self.encoded += len(missing)
-            log.info("guide %s: encoded %d texts in %.1f s", self.name, len(missing), time.perf_counter() - started)
-            self._known.update(zip(missing, vectors, strict=True))
-            if self.cache is not None:
-                self.cache.save(list(missing), vectors)
-        if not keys:
+            ),
+            dtype=np.float32,
+        )
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        self.encoded += len(texts)
+        log.debug("guide %s: encoded %d texts in %.1f s", self.name, len(texts), elapsed)
+        return vectors
+
+    def embed(self, texts: Sequence[str], pass_name: str = "embed") -> np.ndarray:
+        """The guide's unit-length embedding of each text; only texts never stored are encoded."""
+        if not len(texts):
             return np.empty((0, 0), dtype=np.float32)
-        return np.stack([self._known[k] for k in keys])
+        started = time.perf_counter()
+        encoded_before = self.encoded
+        keys = string_keys(texts)
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        if self.store is not None:
+            found, vectors = self.store.lookup(unique)
+        else:
+            found = np.array([k.tobytes() in self._memory for k in unique], dtype=bool)
+            vectors = np.stack([self._memory[k.tobytes()] for k in unique[found]]) if found.any() else None
+            if vectors is not None:
+                full = np.zeros((len(unique), vectors.shape[1]), dtype=np.float32)
+                full[found] = vectors
+                vectors = full
+        self.from_cache += int(found.sum())
+        missing = np.flatnonzero(~found)
+        pending: list[np.ndarray] = []
+        for begin in range(0, len(missing), ENCODE_CHUNK):
+            rows = missing[begin : begin + ENCODE_CHUNK]
+            new = self._encode([texts[i] for i in first[rows]])
+            if vectors is None or vectors.shape[1] != new.shape[1]:
+                vectors = np.zeros((len(unique), new.shape[1]), dtype=np.float32)
+            vectors[rows] = new
+            pending.append(rows)
+            done = begin + len(rows)
+            if sum(len(r) for r in pending) >= STORE_CHUNK or done == len(missing):
+                self._keep(unique, vectors, np.concatenate(pending))
+                pending.clear()
+            if len(missing) > ENCODE_CHUNK:
+                elapsed = time.perf_counter() - started
+                log.info("guide %s: %d of %d new texts encoded (%.0f s)", self.name, done, len(missing), elapsed)
+        assert vectors is not None
+        record = self.passes.setdefault(pass_name, {"texts": 0, "distinct": 0, "encoded": 0, "seconds": 0.0})
+        record["texts"] += len(texts)
+        record["distinct"] += len(unique)
+        record["encoded"] += self.encoded - encoded_before
+        record["seconds"] = round(record["seconds"] + time.perf_counter() - started, 3)
+        return normalized(vectors)[inverse.reshape(-1)]
+
+    def _keep(self, keys: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> None:
+        if self.store is not None:
+            self.store.add(keys[rows], vectors[rows])
+        else:
+            self._memory.update((k.tobytes(), v) for k, v in zip(keys[rows], vectors[rows], strict=True))
+
+    def stored(self, keys: np.ndarray) -> np.ndarray:
+        """The unit-length embeddings of already embedded texts, by ``string_keys``, as ``embed`` returns them."""
+        if self.store is not None:
+            found, vectors = self.store.lookup(keys)
+        else:
+            found = np.array([k.tobytes() in self._memory for k in keys], dtype=bool)
+            vectors = np.stack([self._memory[k.tobytes()] for k in keys]) if found.all() and len(keys) else None
+        if not found.all() or vectors is None:
+            raise DataError(f"guide {self.name}: {int((~found).sum())} texts were never embedded")
+        return normalized(vectors)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -147,6 +170,7 @@ class GuideEncoder:
             "encoded": self.encoded,
             "from_cache": self.from_cache,
             "encode_seconds": round(self.seconds, 1),
+            "passes": self.passes,
         }
 
 

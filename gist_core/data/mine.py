@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 from gist_core.config import ClassificationSource, DataSettings, Settings
 from gist_core.data.audit import SourceReport
 from gist_core.data.classification import read_classification_source
-from gist_core.data.contamination import ContaminationIndex, contamination_tasks
-from gist_core.data.guide_encoder import GuideEncoder
+from gist_core.data.contamination import ContaminationIndex, contamination_tasks, normalize_texts
+from gist_core.data.guide_encoder import TextEmbedder
+from gist_core.data.medi import EXACT_DEGENERATE, NEAR_DEGENERATE
 from gist_core.data.mining import guided_positives, other_label_partner, row_similarity, same_label_partner
 from gist_core.data.schema import OUTPUT_COLUMNS, empty_triplets, triplet_table
 from gist_core.errors import DataError
@@ -55,10 +56,33 @@ def mine_source(
     root: Path,
     settings: DataSettings,
     seed: int,
-    guide: GuideEncoder | None = None,
+    guide: TextEmbedder | None = None,
     contamination: ContaminationIndex | None = None,
 ) -> tuple[pd.DataFrame, SourceReport, list[SkippedRow], Counter[str]]:
     """Read, validate, decontaminate, pool and mine one classification source."""
+    pool = mining_pool(source, root, settings, seed, contamination)
+    return _mine_pool(source, settings, seed, pool, guide)
+
+
+@dataclass
+class Pool:
+    """A source's mining pool: the texts the guide embeds and mining draws from, with their accounting."""
+
+    frame: pd.DataFrame  # row, text, label
+    report: SourceReport
+    skipped: list[SkippedRow]
+    found: Counter[str]
+    input_rows: int
+
+
+def mining_pool(
+    source: ClassificationSource,
+    root: Path,
+    settings: DataSettings,
+    seed: int,
+    contamination: ContaminationIndex | None = None,
+) -> Pool:
+    """Read, validate and decontaminate a source and draw its (capped, seeded) pool: the ``embed`` stage embeds it."""
     mining = settings.mining
     frame, skipped, input_rows = read_classification_source(
         source, root, settings.max_text_chars, settings.max_bad_fraction
@@ -79,7 +103,7 @@ def mine_source(
     if contamination is not None and settings.contamination.remove:
         # before pooling, so a contaminated text is never a positive or negative either; with
         # remove: false the combine step counts the matching rows instead
-        where = frame["text"].map(contamination.match)
+        where = pd.Series(contamination.match_column(frame["text"]), index=frame.index, dtype=object)
         hit = where.notna()
         found.update(where[hit].tolist())
         for row, text, split in zip(frame["row"][hit], frame["text"][hit], where[hit], strict=True):
@@ -102,18 +126,27 @@ def mine_source(
             f"{root / path if not Path(path).is_absolute() else path}: task {source.name}: needs at least two "
             "labels with two or more usable texts each"
         )
+    return Pool(frame, report, skipped, found, input_rows)
 
+
+def _mine_pool(
+    source: ClassificationSource, settings: DataSettings, seed: int, pool: Pool, guide: TextEmbedder | None
+) -> tuple[pd.DataFrame, SourceReport, list[SkippedRow], Counter[str]]:
+    mining = settings.mining
+    frame, report, skipped, found, input_rows = pool.frame, pool.report, pool.skipped, pool.found, pool.input_rows
+    path = source.path
     labels = frame["label"].to_numpy(dtype=str)
     texts = frame["text"].to_numpy(dtype=object)
     needs_guide = mining.positive_strategy == "guide_topk"
     if needs_guide and guide is None:
         raise DataError(f"task {source.name}: data.mining.positive_strategy guide_topk needs the guide model")
     wants_embeddings = guide is not None and (needs_guide or settings.audit.guide_verdicts)
-    embeddings = guide.embed(list(texts)) if wants_embeddings else None
+    embeddings = guide.embed(list(texts), pass_name="mining") if wants_embeddings else None
     positives_rng = np.random.default_rng(seed_for(seed, f"{source.name}:positives"))
+    # a text and its near-duplicates (equal after case and whitespace normalisation) are never each other's positive
+    text_ids = pd.factorize(np.asarray(normalize_texts(frame["text"]).to_pylist(), dtype=object))[0]
     if needs_guide:
         assert embeddings is not None
-        text_ids = pd.factorize(frame["text"])[0]  # identical texts are never each other's positive
         positive = guided_positives(embeddings, labels, text_ids, mining.top_k, mining.temperature, positives_rng)
     else:
         positive = same_label_partner(labels, positives_rng)
@@ -148,11 +181,16 @@ def mine_source(
             "guide_neg_sim": neg_sim[ok],
         }
     )
-    degenerate = (triplets["anchor"] == triplets["positive"]) | (triplets["anchor"] == triplets["negative"])
-    for row, text in triplets.loc[degenerate, ["source_row", "anchor"]].itertuples(index=False):
-        skipped.append(skipped_row(path, row, "positive", "anchor equals its positive or negative", text))
-    report.count("degenerate", "anchor equals its positive or negative", int(degenerate.sum()))
-    triplets = triplets[~degenerate].reset_index(drop=True)
+    anchor_ids = text_ids[ok]
+    near = (anchor_ids == text_ids[positive[ok]]) | (anchor_ids == text_ids[negative[ok]])
+    exact = ((triplets["anchor"] == triplets["positive"]) | (triplets["anchor"] == triplets["negative"])).to_numpy()
+    for row, text, same in (
+        triplets.loc[near, ["source_row", "anchor"]].assign(same=exact[near]).itertuples(index=False)
+    ):
+        reason = EXACT_DEGENERATE if same else NEAR_DEGENERATE
+        skipped.append(skipped_row(path, row, "positive", reason, text))
+        report.count("degenerate", reason)
+    triplets = triplets[~near].reset_index(drop=True)
     log.info("%s: mined %d triplets from %d rows (pool %d)", source.name, len(triplets), input_rows, len(frame))
     return triplets, report, skipped, found
 
@@ -161,7 +199,7 @@ def mine_all(
     settings: DataSettings,
     root: Path,
     seed: int,
-    guide: GuideEncoder | None = None,
+    guide: TextEmbedder | None = None,
     contamination: ContaminationIndex | None = None,
 ) -> Mined:
     """Mine every configured classification source that is not in ``mining.exclude``."""

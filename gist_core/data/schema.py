@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gist_core.errors import DataError
 
@@ -43,6 +44,22 @@ def triplet_table(frame: pd.DataFrame) -> pa.Table:
 
 def empty_triplets() -> pd.DataFrame:
     return schema().empty_table().to_pandas()
+
+
+def load_triplets_schema(path: Path) -> pa.Schema:
+    """The prepared triplets' schema (no rows read), checking the columns training relies on."""
+    if not path.is_file():
+        raise DataError(f"{path}: prepared triplets not found; run `gist data` (or `dvc repro data`) first")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise DataError(f"{path}: cannot be read as Parquet: {err}") from None
+    missing = [c for c in TRIPLET_COLUMNS if c not in parquet.schema_arrow.names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}")
+    if parquet.metadata.num_rows == 0:
+        raise DataError(f"{path}: no triplets")
+    return parquet.schema_arrow
 
 
 def load_triplets(path: Path) -> pd.DataFrame:

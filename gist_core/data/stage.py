@@ -1,8 +1,9 @@
-"""The two DVC data stages: ``mine`` (``mine_stage``) and ``data`` (``combine_stage``).
+"""The three DVC data stages: ``embed`` (``embed_stage``), ``mine`` (``mine_stage``) and ``data`` (``combine_stage``).
 
-``gist data --step mine`` and ``gist data --step combine`` run them (dvc.yaml); ``gist data``
-runs both. Each builds what it needs from the settings: the guide, the contamination index,
-MEDI, and writes its outputs.
+``gist data --step embed|mine|combine`` run them (dvc.yaml); ``gist data`` runs all three. Only
+``embed`` runs the guide; ``mine`` and ``data`` read its versioned output, so the triplets are a
+function of versioned files. Each builds what it needs from the settings (the contamination index,
+MEDI) and writes its outputs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from gist_core.config import Settings
 from gist_core.data.audit import DataReport
 from gist_core.data.combine import combine, load_configured_medi, write_outputs
 from gist_core.data.contamination import contamination_index
-from gist_core.data.guide_encoder import load_guide
+from gist_core.data.embed import StoredEmbeddings, embed_stage, needs_guide
+
+__all__ = ["combine_stage", "data_stage", "embed_stage", "mine_stage"]
 from gist_core.data.mine import Mined, mine_all, mine_params, read_mined, write_mined
 from gist_core.errors import DataError
 
@@ -23,17 +26,18 @@ log = logging.getLogger(__name__)
 def mine_stage(settings: Settings) -> Mined:
     """The DVC ``mine`` stage: mine every classification source and write ``data.mined``."""
     cfg = settings.data
-    needs_guide = bool(cfg.classification) and (
-        cfg.mining.positive_strategy == "guide_topk" or cfg.audit.guide_verdicts
-    )
-    guide = load_guide(settings) if needs_guide else None
+    guide = _stored_embeddings(settings) if needs_guide(settings) and cfg.classification else None
     mined = mine_all(cfg, settings.root, settings.base.seed, guide, contamination_index(settings))
     mined.params = mine_params(settings)
     mined.guide = {"name": guide.name, "fingerprint": guide.fingerprint} if guide is not None else {}
     write_mined(mined, settings.path(cfg.mined))
-    if guide is not None:
-        log.info("guide %s: %s", guide.name, guide.describe())
     return mined
+
+
+def _stored_embeddings(settings: Settings) -> StoredEmbeddings:
+    stored = StoredEmbeddings(settings.path(settings.data.embeddings))
+    stored.check(settings)
+    return stored
 
 
 def combine_stage(settings: Settings) -> DataReport:
@@ -50,7 +54,7 @@ def combine_stage(settings: Settings) -> DataReport:
     medi = load_configured_medi(cfg, settings.root)
     guide = None
     if cfg.audit.guide_verdicts and medi is not None:
-        guide = load_guide(settings)
+        guide = _stored_embeddings(settings)
     data, report, skipped = combine(mined, medi, cfg, settings.base.seed, guide, contamination_index(settings))
     report.settings = {
         "seed": settings.base.seed,
@@ -77,7 +81,8 @@ def combine_stage(settings: Settings) -> DataReport:
 
 
 def data_stage(settings: Settings, mine: bool = True) -> DataReport:
-    """Both stages in a row (``gist data``): mine, then combine; without ``mine`` the last mined triplets are used."""
+    """All three stages in a row (``gist data``): embed, mine, combine; ``mine=False``: only combine."""
     if mine:
+        embed_stage(settings)
         mine_stage(settings)
     return combine_stage(settings)

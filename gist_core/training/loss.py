@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from gist_core.config import TrainSettings
 from gist_core.errors import DataError
-from gist_core.training.guide_cache import Key, feature_keys
+from gist_core.training.cache_index import Key, KeyIndex, feature_keys, token_key_hashes
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -33,7 +33,7 @@ class GuideEmbeddingCache(nn.Module):
     def __init__(
         self,
         student: SentenceTransformer,
-        keys: Sequence[Key],
+        keys: KeyIndex | Sequence[Key],
         embeddings: Tensor | np.ndarray,
         max_seq_length: int,
         description: dict[str, Any] | None = None,
@@ -47,9 +47,14 @@ class GuideEmbeddingCache(nn.Module):
         ids when the cache was built (``gist_core.training.guide_cache.embed_like_gist_loss``, which decodes
         and re-tokenizes the way the loss would). Each training step then runs only the student.
 
+        The table may be a read-only memory map (``read_guide_cache``): nothing is copied up front,
+        processes on one host share its pages, and a batch costs a binary search per text in the
+        sorted key index plus the rows it reads (float16 tables are widened to float32 per batch).
+
         Args:
             student: the model being trained; its tokenizer produced the keys.
-            keys: the student's token ids of each cached text, padding removed.
+            keys: a ``KeyIndex`` whose row ``i`` is ``embeddings[i]``, or the student's token ids of each
+                cached text (padding removed), one per embedding row.
             embeddings: one guide embedding per key, ``(len(keys), dim)``.
             max_seq_length: the student's ``max_seq_length`` when the keys were made; training must use it too.
             description: what the cache was built from (guide, data version), for configs and model cards.
@@ -65,45 +70,56 @@ class GuideEmbeddingCache(nn.Module):
             ::
 
                 cached = embed_like_gist_loss(student, guide, texts)
-                loss = GISTEmbedLoss(student, GuideEmbeddingCache(student, cached.keys, cached.embeddings, 64))
+                loss = GISTEmbedLoss(student, GuideEmbeddingCache(student, cached.index, cached.embeddings, 64))
         """
         super().__init__()
-        if len(keys) != len(embeddings):
-            raise ValueError(f"{len(keys)} keys but {len(embeddings)} embeddings")
-        table = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        table = embeddings.detach().cpu().numpy() if isinstance(embeddings, Tensor) else embeddings
         if table.ndim != 2:
             raise ValueError(f"embeddings must be 2-dimensional, got shape {tuple(table.shape)}")
-        self.register_buffer("embeddings", table, persistent=False)
-        self.index = {key: row for row, key in enumerate(keys)}
-        if len(self.index) != len(keys):
-            raise ValueError("duplicate keys in the guide-embedding cache")
+        if len(keys) != len(table):
+            raise ValueError(f"{len(keys)} keys but {len(table)} embeddings")
+        if isinstance(keys, KeyIndex):
+            index = keys
+        else:
+            index, row_of = KeyIndex.from_sequences(keys)
+            if len(index) != len(keys):
+                raise ValueError("duplicate keys in the guide-embedding cache")
+            ordered = np.empty_like(np.asarray(table))
+            ordered[row_of] = table
+            table = ordered
+        self.index = index
+        self.table = table
         self.tokenizer = student.tokenizer
         self.max_seq_length = max_seq_length
         self.description = dict(description or {})
 
-    def rows(self, features: dict[str, Any]) -> Tensor:
+    def rows(self, features: dict[str, Any]) -> np.ndarray:
         """The table row of each text in a batch of student features."""
-        keys = feature_keys(features)
-        rows = [self.index.get(key, -1) for key in keys]
-        missing = [key for key, row in zip(keys, rows, strict=True) if row < 0]
-        if missing:
-            sample = self.tokenizer.decode(list(missing[0]), skip_special_tokens=True)
+        key, check = token_key_hashes(features)
+        rows = self.index.rows(key, check)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            sample = self.tokenizer.decode(feature_keys(features)[int(missing[0])], skip_special_tokens=True)
             raise GuideCacheMiss(
-                f"{len(missing)} of {len(keys)} texts in a batch are not in the guide-embedding cache "
+                f"{len(missing)} of {len(rows)} texts in a batch are not in the guide-embedding cache "
                 f"(e.g. {sample[:80]!r}): it was built for other data or another student tokenizer; rebuild it "
                 "with `gist guide-cache` (or `dvc repro guide_cache`)"
             )
-        return torch.tensor(rows, dtype=torch.long, device=self.embeddings.device)
+        return rows
 
     def forward(self, features: dict[str, Any]) -> dict[str, Tensor]:
-        return {"sentence_embedding": self.embeddings.index_select(0, self.rows(features))}
+        rows = self.rows(features)
+        order = np.argsort(rows, kind="stable")  # read the memory map in file order
+        values = np.empty((len(rows), self.table.shape[1]), dtype=np.float32)
+        values[order] = self.table[rows[order]]
+        return {"sentence_embedding": torch.from_numpy(values).to(features["input_ids"].device)}
 
     @property
     def entries(self) -> int:
         return len(self.index)
 
     def get_embedding_dimension(self) -> int:
-        return int(self.embeddings.shape[1])
+        return int(self.table.shape[1])
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**self.description, "entries": self.entries, "max_seq_length": self.max_seq_length}
@@ -219,11 +235,12 @@ class LabelledBatches:
     def __init__(self, stats: GuideMaskStats, student: SentenceTransformer, labels: dict[str, str]) -> None:
         self.stats = stats
         ids: dict[str, int] = {}
-        by_key: dict[Key, int] = {}
+        by_key: dict[int, int] = {}
         texts = list(labels)
         for start in range(0, len(texts), 512):
             chunk = texts[start : start + 512]
-            for text, key in zip(chunk, feature_keys(student.preprocess(chunk)), strict=True):
+            keys, _ = token_key_hashes(student.preprocess(chunk))
+            for text, key in zip(chunk, keys.tolist(), strict=True):
                 label = ids.setdefault(labels[text], len(ids))
                 by_key[key] = label if by_key.get(key, label) == label else -1  # truncation may merge texts
         self.by_key = by_key
@@ -235,7 +252,8 @@ class LabelledBatches:
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         features = args[0]
         self.stats.column_labels = [
-            torch.tensor([self.by_key.get(key, -1) for key in feature_keys(f)], dtype=torch.long) for f in features
+            torch.tensor([self.by_key.get(key, -1) for key in token_key_hashes(f)[0].tolist()], dtype=torch.long)
+            for f in features
         ]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -29,11 +30,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from gist_core.config import Settings
-from gist_core.data.schema import LABEL_COLUMNS, load_triplets
+from gist_core.data.schema import LABEL_COLUMNS, load_triplets, load_triplets_schema
 from gist_core.hashing import file_md5, json_digest
 from gist_core.models import ModelRef, load_sentence_transformer
-from gist_core.training.guide_cache import load_or_build_guide_cache
+from gist_core.training.guide_cache import load_or_build_guide_cache, store_root
 from gist_core.training.runtime import cuda_bf16, pick_device, resolve_models, set_seed, world_size
 
 if TYPE_CHECKING:
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
 TRAIN_METRICS_FILE = "train_metrics.json"
+MODEL_CARD_FULL_STATS_TASKS = 16  # above this many tasks the model card's statistics read a sample of each
+MODEL_CARD_SAMPLE_ROWS = 10
+TRAIN_ARROW_DIR = ".cache/train-datasets"  # the triplets as task-sorted Arrow files, memory-mapped by training
 TRAINER_STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
 # Settings that change neither the trained weights nor the batches: a run may resume across them.
 NOT_IN_RUN_KEY = frozenset({"output_dir", "logging_steps", "save_steps", "checkpoints_dir", "guide_cache_dir"})
@@ -62,6 +72,7 @@ class TrainResult:
     loss: str = ""
     guide: str = "none"  # model | cache | none
     gather_across_devices: bool = False
+    skipped_tasks: dict[str, int] = field(default_factory=dict)  # task -> rows: cannot give one global batch
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -69,40 +80,88 @@ class TrainResult:
         return out
 
 
-def build_train_dataset(triplets_path: Path, task_homogeneous: bool) -> Any:
-    """A Dataset of (anchor, positive, negative), or a DatasetDict with one dataset per task."""
+TRAIN_COLUMNS = ["anchor", "positive", "negative"]
+
+
+def _task_sorted_arrow(triplets_path: Path, folder: Path) -> Path:
+    """The training columns sorted by task as an Arrow file (written once per data version), for memory-mapping."""
+    target = folder / f"{file_md5(triplets_path)}.arrow"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(triplets_path, columns=["task_name", *TRAIN_COLUMNS])
+    order = pc.sort_indices(table, sort_keys=[("task_name", "ascending")])  # stable: file order within a task
+    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for begin in range(0, len(order), 65_536):  # sorted a slice at a time: no second copy of the table
+            writer.write_table(table.take(order.slice(begin, 65_536)))
+    del table
+    pa.default_memory_pool().release_unused()
+    tmp.replace(target)
+    return target
+
+
+def build_train_dataset(triplets_path: Path, task_homogeneous: bool, arrow_dir: Path | None = None) -> Any:
+    """A Dataset of (anchor, positive, negative), or a DatasetDict with one dataset per task.
+
+    With ``arrow_dir`` the rows are memory-mapped from an Arrow file sorted by task (each task a
+    contiguous slice, nothing copied): start-up costs one pass over the file per data version, and
+    processes on one host share the pages. Without it they are read into memory.
+    """
     # deferred: datasets takes a second to import
     from datasets import Dataset, DatasetDict
 
-    frame = load_triplets(triplets_path)
-    columns = ["anchor", "positive", "negative"]
+    if arrow_dir is None:
+        frame = load_triplets(triplets_path)
+        if not task_homogeneous:
+            return Dataset.from_pandas(frame[TRAIN_COLUMNS], preserve_index=False)
+        return DatasetDict(
+            {
+                str(task): Dataset.from_pandas(group[TRAIN_COLUMNS], preserve_index=False)
+                for task, group in frame.groupby("task_name", sort=True)
+            }
+        )
+    load_triplets_schema(triplets_path)
+    data = Dataset.from_file(str(_task_sorted_arrow(triplets_path, arrow_dir)))
+    tasks = data.data.column("task_name")
+    data = data.remove_columns("task_name")
     if not task_homogeneous:
-        return Dataset.from_pandas(frame[columns], preserve_index=False)
-    return DatasetDict(
-        {
-            str(task): Dataset.from_pandas(group[columns], preserve_index=False)
-            for task, group in frame.groupby("task_name", sort=True)
-        }
-    )
+        return data
+    names, starts = _runs(tasks)
+    bounds = [*starts, len(data)]
+    return DatasetDict({name: data.select(range(bounds[i], bounds[i + 1])) for i, name in enumerate(names)})
+
+
+def _runs(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    """The values of a sorted column and where each run of equal values starts."""
+    values = column.to_numpy(zero_copy_only=False).astype(object)
+    if not len(values):
+        return [], []
+    starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+    return [str(values[i]) for i in starts], [int(i) for i in starts]
 
 
 def text_labels(triplets_path: Path) -> dict[str, str]:
     """Each text's label, from the triplets' label columns (task-qualified, so labels of two tasks never match).
 
     Texts seen with two different labels are left out (their label is unknown); rows without
-    labels (e.g. MEDI) add nothing. Empty when the file has no label columns.
+    labels (e.g. MEDI) add nothing. Empty when the file has no label columns. Vectorised: a million
+    unlabelled rows cost one filter.
     """
-    frame = load_triplets(triplets_path)
-    seen: dict[str, str | None] = {}
+    names = set(pq.read_schema(triplets_path).names)
+    pairs = []
     for text_column, label_column in LABEL_COLUMNS.items():
-        if label_column not in frame.columns:
+        if label_column not in names:
             continue
-        for task, text, label in zip(frame["task_name"], frame[text_column], frame[label_column], strict=True):
-            if label is None or label != label or label == "":  # None, NaN or empty: no label
-                continue
-            qualified = f"{task}:{label}"
-            seen[text] = qualified if seen.get(text, qualified) == qualified else None
-    return {text: label for text, label in seen.items() if label is not None}
+        part = pq.read_table(triplets_path, columns=["task_name", text_column, label_column]).to_pandas()
+        part = part[part[label_column].notna() & (part[label_column].astype(str) != "")]
+        qualified = part["task_name"].astype(str) + ":" + part[label_column].astype(str)
+        pairs.append(pd.DataFrame({"text": part[text_column].astype(str), "label": qualified}))
+    if not pairs:
+        return {}
+    labelled = pd.concat(pairs, ignore_index=True).drop_duplicates()
+    clear = labelled[~labelled["text"].duplicated(keep=False)]  # a text with two labels: unknown
+    return dict(zip(clear["text"], clear["label"], strict=True))
 
 
 def run_key(settings: Settings, data_md5: str, processes: int) -> str:
@@ -191,12 +250,47 @@ def trainer_class() -> type:
     from sentence_transformers import SentenceTransformerTrainer
 
     class _Trainer(SentenceTransformerTrainer):
+        def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
+            datasets = self.train_dataset if isinstance(self.train_dataset, dict) else {}
+            if len(datasets) > MODEL_CARD_FULL_STATS_TASKS:
+                _sample_model_card_stats(self.model)  # before the callback computes the card's dataset statistics
+            super().add_model_card_callback(default_args_dict)
+
         def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
             if not self.args.should_save:
                 return
             super()._save(output_dir, state_dict=state_dict)
 
     return _Trainer
+
+
+def _sample_model_card_stats(model: Any) -> None:
+    """Keep the model card's per-dataset statistics to a few tasks and rows.
+
+    sentence-transformers tokenizes up to 1,000 rows of every training dataset for the model card
+    when the trainer starts, a few calls per column: with hundreds of tasks (MEDI has about 330) that
+    is minutes of start-up at scale. With more than ``MODEL_CARD_FULL_STATS_TASKS`` tasks the first
+    that many get statistics from their first ``MODEL_CARD_SAMPLE_ROWS`` rows, the rest their size,
+    columns and loss only (the card's template leaves the statistics out).
+    """
+    card = model.model_card_data
+    compute = card.compute_dataset_metrics
+    done: list[dict[str, Any]] = []
+
+    def sampled(dataset: Any, dataset_info: dict[str, Any], loss: Any, router_mapping: Any = None) -> dict[str, Any]:
+        if dataset is None or not hasattr(dataset, "select") or not len(dataset):
+            return compute(dataset, dataset_info, loss, router_mapping=router_mapping)
+        if len(done) < MODEL_CARD_FULL_STATS_TASKS:
+            head = dataset.select(range(min(len(dataset), MODEL_CARD_SAMPLE_ROWS)))
+            out = compute(head, dataset_info, loss, router_mapping=router_mapping)
+            done.append(out)
+        else:
+            columns = [c for c in dataset.column_names if c != "dataset_name"]
+            out = {**dataset_info, "columns": [f"<code>{c}</code>" for c in columns], "loss": done[0]["loss"]}
+        out["size"] = len(dataset)
+        return out
+
+    card.compute_dataset_metrics = sampled
 
 
 class _TrainingMonitor:
@@ -288,10 +382,16 @@ def load_guide(
     if cfg.guide_cache:
         with args.main_process_first(local=False, desc="guide-embedding cache"):  # rank 0 builds, others read
             cached, manifest = load_or_build_guide_cache(
-                settings.path(cfg.guide_cache_dir), triplets_path, student, guide_ref, device
+                settings.path(cfg.guide_cache_dir),
+                triplets_path,
+                student,
+                guide_ref,
+                device,
+                dtype=cfg.guide_cache_dtype,
+                store_root=store_root(settings),
             )
         description = {"guide": guide_ref.ref, "data_md5": manifest["identity"]["data_md5"]}
-        cache = GuideEmbeddingCache(student, cached.keys, cached.embeddings, student.max_seq_length, description)
+        cache = GuideEmbeddingCache(student, cached.index, cached.embeddings, student.max_seq_length, description)
         return cache, "cache"
     guide = load_sentence_transformer(guide_ref, cfg.max_seq_length, device)
     # A frozen guide: eval mode (no dropout) and no gradients, whatever state the loader left it in.
@@ -323,8 +423,25 @@ def train(
     set_seed(settings.base.seed)
     device = pick_device()
     student_ref, guide_ref = resolve_models(settings)
-    train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches)
+    train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches, settings.path(TRAIN_ARROW_DIR))
     data_md5 = file_md5(triplets_path)
+    small: dict[str, int] = {}
+    if processes > 1 and cfg.task_homogeneous_batches:
+        # deferred: the samplers import sentence-transformers
+        from gist_core.training.batching import unbatchable_tasks
+
+        # Every global batch is complete under DDP: a task that cannot give one is reported, not dropped silently.
+        no_duplicates = cfg.batch_sampler != "batch_sampler"
+        small = unbatchable_tasks(train_dataset, cfg.batch_size * processes, no_duplicates)
+    for task, rows in small.items():
+        log.warning(
+            "task %s: its %d rows cannot give one batch of %d x %d processes without a repeated text: "
+            "no batch of it is trained on",
+            task,
+            rows,
+            cfg.batch_size,
+            processes,
+        )
     student = load_sentence_transformer(student_ref, None, device)
     native_max_seq_length = student.max_seq_length
     student.max_seq_length = cfg.max_seq_length
@@ -369,6 +486,7 @@ def train(
             loss=type(loss).__name__,
             guide=guide_kind,
             gather_across_devices=bool(getattr(loss, "gather_across_devices", False)),
+            skipped_tasks=small,
         )
         if not trainer.is_world_process_zero():
             return result

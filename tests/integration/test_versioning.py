@@ -84,6 +84,26 @@ def test_git_commit(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == clean + "-dirty"
 
 
+def test_git_commit_tells_a_new_dvc_lock_from_other_changes(tmp_path: Path) -> None:
+    """After `dvc repro` only dvc.lock and the git-tracked stage outputs change: tagged apart from edits."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  data:\n    cmd: x\n    outs:\n      - out.parquet\n      - reports/q.csv:\n          cache: false\n"
+        "    metrics:\n      - reports/data.json:\n          cache: false\n"
+    )
+    (tmp_path / "reports").mkdir()
+    for name in ("dvc.lock", "reports/q.csv", "reports/data.json", "code.py"):
+        (tmp_path / name).write_text("v1")
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True)
+    head = git_commit(tmp_path)
+    for name in ("dvc.lock", "reports/q.csv", "reports/data.json"):
+        (tmp_path / name).write_text("v2")
+    assert git_commit(tmp_path) == head + "-dvc.lock"
+    (tmp_path / "code.py").write_text("v2")
+    assert git_commit(tmp_path) == head + "-dirty"
+
+
 def test_update_checkout_pulls_the_latest_commit_and_its_data(tmp_path: Path, models_dir: Path) -> None:
     """A clone (the served checkout) catches up with its upstream: new params, and the data they made."""
     from gist_core.versioning import update_checkout

@@ -43,6 +43,7 @@ def _gist(root: Path, *args: str) -> str:
 
 
 def test_mine_then_combine_then_both_again(project: Path) -> None:
+    assert "guide embeddings" in _gist(project, "--step", "embed")
     assert "mined triplets" in _gist(project, "--step", "mine")
     assert (project / "data/prepared/mined/triplets.parquet").is_file()
     out = _gist(project, "--step", "combine")
@@ -64,6 +65,7 @@ def test_mine_then_combine_then_both_again(project: Path) -> None:
 
 
 def test_combine_refuses_stale_mined_triplets(project: Path) -> None:
+    _gist(project, "--step", "embed")
     _gist(project, "--step", "mine")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["mining"]["top_k"] = 5
@@ -78,6 +80,41 @@ def test_a_missing_guide_is_one_line(project: Path, tmp_path: Path) -> None:
     params["base"]["models_dir"] = str(tmp_path / "no-models")
     params["base"]["guide"] = "all-mpnet-base-v2"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = runner.invoke(app, ["data", "--root", str(project), "--step", "mine"])
+    result = runner.invoke(app, ["data", "--root", str(project), "--step", "embed"])
     assert result.exit_code == 1
     assert "error: the data stage needs the guide" in result.output and "gist models provision" in result.output
+
+
+def test_mining_from_stored_embeddings_is_byte_identical_without_the_guide(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data version is a function of versioned files: given the `embed` stage's output, mining and
+    combining need no model and give the same bytes, whatever the embedding store holds."""
+    _gist(project, "--step", "embed")
+    _gist(project, "--step", "mine")
+    _gist(project, "--step", "combine")
+    produced = ["data/prepared/mined/triplets.parquet", *OUTPUTS]
+    first = {name: (project / name).read_bytes() for name in produced}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    # no guide model and an empty embedding store: only the stored embeddings remain
+    from gist_core.data import embed, guide_encoder
+
+    def no_model(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the guide model was loaded")
+
+    monkeypatch.setattr(guide_encoder, "load_sentence_transformer", no_model)
+    monkeypatch.setattr(embed, "load_guide", no_model)
+    params["data"]["mining"]["cache_dir"] = str(tmp_path / "empty-store")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "data/prepared/mined/triplets.parquet").unlink()
+    _gist(project, "--step", "mine")
+    _gist(project, "--step", "combine")
+    assert {name: (project / name).read_bytes() for name in produced} == first
+    assert not (tmp_path / "empty-store").exists(), "mining read the stored embeddings, not the guide"
+    # embeddings of other data are refused, not recomputed
+    stored = project / "data/prepared/guide_embeddings"
+    manifest = json.loads((stored / "manifest.json").read_text())
+    manifest["params"]["max_seq_length"] = 7
+    (stored / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["data", "--root", str(project), "--step", "mine"])
+    assert result.exit_code == 1 and "was computed with other settings (max_seq_length)" in result.output

@@ -11,11 +11,17 @@ import torch
 import yaml
 
 from gist_core.config import settings_from_dict
+from gist_core.errors import DataError
 from gist_core.training.guide_cache import (
+    CHECKS_FILE,
+    EMBEDDINGS_FILE,
+    KEYS_FILE,
     CacheIdentity,
     GuideEmbeddings,
+    KeyIndex,
     feature_keys,
     read_guide_cache,
+    tokenizer_fingerprint,
     write_guide_cache,
 )
 from gist_core.training.loss import GuideCacheMiss, GuideEmbeddingCache, build_loss, mask_stats
@@ -58,16 +64,74 @@ def test_cache_looks_up_by_student_tokens_and_names_a_miss(student) -> None:
 
 def test_cache_round_trips_through_disk(student, tmp_path: Path) -> None:
     keys = feature_keys(student.preprocess(["one", "two"]))
-    cached = GuideEmbeddings(keys, np.eye(2, 3, dtype=np.float32), ["one", "two"], retokenized=True)
+    index, row_of = KeyIndex.from_sequences(keys)
+    table = np.zeros((2, 3), dtype=np.float32)
+    table[row_of] = np.eye(2, 3, dtype=np.float32)
+    cached = GuideEmbeddings(index, table, retokenized=True)
     identity = CacheIdentity("g", "fp", "tok", 32, "md5")
     manifest = write_guide_cache(tmp_path / "cache", cached, identity, {"texts": 2})
     back, read_manifest = read_guide_cache(tmp_path / "cache")
-    assert back.keys == keys and np.array_equal(back.embeddings, cached.embeddings)
-    assert back.guide_texts == ["one", "two"]
-    assert read_manifest == manifest and identity.differences(manifest) == []
-    changed = CacheIdentity("other-name", "fp2", "tok", 64, "md5")
-    assert [d.split(":")[0] for d in changed.differences(manifest)] == ["guide_fingerprint", "max_seq_length"]
+    assert np.array_equal(back.index.keys, index.keys) and np.array_equal(back.embeddings, table)
+    assert isinstance(back.embeddings, np.memmap) and not back.embeddings.flags.writeable, "mapped read-only"
+    assert back.retokenized and read_manifest == manifest and identity.differences(manifest) == []
+    cache = GuideEmbeddingCache(student, back.index, back.embeddings, max_seq_length=32)
+    out = cache(student.preprocess(["two", "one"]))["sentence_embedding"]
+    assert torch.equal(out, torch.eye(2, 3)[[1, 0]])
+    changed = CacheIdentity("other-name", "fp2", "tok", 64, "md5", "float16")
+    assert [d.split(":")[0] for d in changed.differences(manifest)] == ["guide_fingerprint", "max_seq_length", "dtype"]
     assert not (tmp_path / "cache.partial").exists()
+    # float16 storage halves the table and is widened to float32 per batch
+    half = write_guide_cache(tmp_path / "half", cached, CacheIdentity("g", "fp", "tok", 32, "md5", "float16"), {})
+    back16, _ = read_guide_cache(tmp_path / "half")
+    assert half["dtype"] == "float16" and back16.embeddings.dtype == np.float16
+    out16 = GuideEmbeddingCache(student, back16.index, back16.embeddings, 32)(student.preprocess(["one"]))
+    assert out16["sentence_embedding"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("count", r"disagree on the number of entries"),
+        ("dtype", r"embeddings are float64, the manifest says float32"),
+        ("collision", r"not strictly increasing \(a repeated key: a hash collision\)"),
+    ],
+)
+def test_an_inconsistent_cache_is_refused(student, tmp_path: Path, damage: str, message: str) -> None:
+    keys = feature_keys(student.preprocess(["one", "two", "three"]))
+    index, row_of = KeyIndex.from_sequences(keys)
+    cached = GuideEmbeddings(index, np.ones((3, 4), dtype=np.float32), retokenized=False)
+    folder = tmp_path / "cache"
+    write_guide_cache(folder, cached, CacheIdentity("g", "fp", "tok", 32, "md5"), {})
+    if damage == "count":
+        np.save(folder / EMBEDDINGS_FILE, np.ones((2, 4), dtype=np.float32))
+    elif damage == "dtype":
+        np.save(folder / EMBEDDINGS_FILE, np.ones((3, 4), dtype=np.float64))
+    else:
+        keys_now = np.load(folder / KEYS_FILE)
+        keys_now[1] = keys_now[0]
+        np.save(folder / KEYS_FILE, keys_now)
+    with pytest.raises(DataError, match=message):
+        read_guide_cache(folder)
+    assert (folder / CHECKS_FILE).is_file()
+
+
+def test_a_lookup_whose_check_hash_differs_is_refused(student) -> None:
+    keys = feature_keys(student.preprocess(["one", "two"]))
+    index, _ = KeyIndex.from_sequences(keys)
+    forged = KeyIndex(index.keys, index.checks ^ np.uint64(1))  # same keys, other sequences: collisions
+    cache = GuideEmbeddingCache(student, forged, np.ones((2, 3), dtype=np.float32), max_seq_length=32)
+    with pytest.raises(DataError, match="hash collision; the cache refuses to answer"):
+        cache(student.preprocess(["one"]))
+
+
+def test_tokenizer_fingerprint_does_not_change_once_the_tokenizer_is_used(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["a text long enough to be cut " * 20], truncation=True, max_length=8, padding="max_length")
+    assert tokenizer_fingerprint(tokenizer) == before
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tiny_model_dir))) == before
 
 
 def _gist_oracle_masked(ga, gp, gn, margin, strategy, contrast_anchors, contrast_positives) -> tuple[int, int]:

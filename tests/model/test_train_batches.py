@@ -94,3 +94,26 @@ def test_multi_process_sampler_factories_survive_a_checkpoint(tmp_path: Path) ->
     restored = torch.load(tmp_path / "training_args.bin", weights_only=False)
     assert (restored.batch_sampler, restored.multi_dataset_batch_sampler) == (batch_sampler, multi_sampler)
     assert args.to_json_string()
+
+
+def test_many_tasks_start_quickly_and_the_model_card_lists_them(
+    repo_root: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """With hundreds of tasks the model card's statistics cover a sample (start-up in seconds), every task listed."""
+    import pandas as pd
+
+    from gist_core.training.trainer import MODEL_CARD_FULL_STATS_TASKS, train
+
+    rows = [
+        (f"anchor {t}-{i}", f"positive {t}-{i}", f"negative {t}-{i}", f"task_{t:02d}")
+        for t in range(MODEL_CARD_FULL_STATS_TASKS + 4)
+        for i in range(6 + t)
+    ]
+    path = tmp_path / "many.parquet"
+    pd.DataFrame(rows, columns=["anchor", "positive", "negative", "task_name"]).to_parquet(path)
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["base"].update({"student": str(tiny_model_dir), "guide": str(tiny_model_dir)})
+    raw["train"].update({"max_steps": 1, "batch_size": 4, "save_steps": None, "guide_cache": False, "loss": "mnrl"})
+    result = train(settings_from_dict(raw, tmp_path), path)
+    card = (result.output_dir / "README.md").read_text()
+    assert result.steps == 1 and "task_19" in card and "Size: 25 training samples" in card

@@ -132,3 +132,32 @@ def test_guide_cache_command_writes_the_dvc_stage_output(
     settings = _settings(repo_root, tmp_path, tiny_model_dir, max_steps=1)
     assert train(settings, tmp_path / "data/prepared/triplets.parquet").guide == "cache"
     assert read_manifest(tmp_path / "data/prepared/guide_cache")["entries"] > 0
+
+
+def test_chunked_build_through_the_store_embeds_each_text_once(
+    tiny_model_dir: Path, triplets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built in small chunks into the memory-mapped file (pages released as it goes) through the embedding
+    store: the same table as an in-memory build, and a rebuild embeds nothing again."""
+    import numpy as np
+
+    from gist_core.models import ModelRef, load_sentence_transformer
+    from gist_core.training import guide_cache
+    from gist_core.training.guide_cache import build_guide_cache, embed_like_gist_loss, read_guide_cache
+
+    monkeypatch.setattr(guide_cache, "STORE_FLUSH", 16)
+    monkeypatch.setattr(guide_cache, "TOKENIZE_CHUNK", 7)
+    ref = ModelRef(str(tiny_model_dir), "path", str(tiny_model_dir))
+    student = load_sentence_transformer(ref, 32, "cpu")
+    guide = load_sentence_transformer(ref, 32, "cpu")
+    store = tmp_path / "store"
+    first = build_guide_cache(tmp_path / "a", triplets, student, ref, "cpu", False, store_root=store)
+    assert first["embedded"] == first["entries"] > 16 and first["from_store"] == 0
+    again = build_guide_cache(tmp_path / "b", triplets, student, ref, "cpu", False, store_root=store)
+    assert again["embedded"] == 0 and again["from_store"] == again["entries"] == first["entries"]
+    built, _ = read_guide_cache(tmp_path / "a")
+    rebuilt, _ = read_guide_cache(tmp_path / "b")
+    assert np.array_equal(np.asarray(built.embeddings), np.asarray(rebuilt.embeddings))
+    in_memory = embed_like_gist_loss(student, guide, triplets)
+    assert np.array_equal(in_memory.index.keys, built.index.keys)
+    assert np.allclose(in_memory.embeddings, built.embeddings, atol=1e-5)

@@ -20,6 +20,7 @@ PACKAGES = ("gist_core", "flows")
 MAX_MODULE_LINES = 600
 # The module each DVC stage's command runs (through the CLI and gist_core.stages, which are thin).
 STAGE_ENTRIES = {
+    "gist data --step embed": "gist_core.data.stage",
     "gist data --step mine": "gist_core.data.stage",
     "gist data --step combine": "gist_core.data.stage",
     "gist guide-cache": "gist_core.training.guide_cache",

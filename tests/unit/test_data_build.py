@@ -207,7 +207,7 @@ def test_duplicates_and_contamination_are_removed_and_counted(tmp_path: Path) ->
     by_name = {s.name: s for s in report.sources}
     assert by_name["B"].duplicates == 1 and by_name["B"].decontaminated == 1 and by_name["B"].kept == 2
     assert report.contamination["by_split"] == {"Task/test": 1} and report.contamination["rows"] == 1
-    assert {"duplicate triplet", "text in evaluation split Task/test"} <= {s.reason for s in skipped}
+    assert {"duplicate triplet", "text in evaluation split Task/test"} <= set(skipped["reason"])
     assert len(data) == report.totals["kept"] == 6
     report.check_identity()
     # remove: false counts but keeps
@@ -271,3 +271,21 @@ def test_write_outputs_fills_optional_columns(tmp_path: Path) -> None:
     write_outputs(data, DataReport([], {}), [], tmp_path / "t.parquet", tmp_path / "r.json", tmp_path / "q.csv")
     frame = pd.read_parquet(tmp_path / "t.parquet")
     assert list(frame.columns) == OUTPUT_COLUMNS and np.isnan(frame["guide_pos_sim"][0])
+
+
+def test_near_duplicates_are_never_an_anchors_positive(tmp_path: Path) -> None:
+    """Texts equal after case and whitespace normalisation count as copies: never each other's positive."""
+    _write(tmp_path / "t.csv", "text,label\nHello world,a\nhello   WORLD,a\nfoo,b\nbar,b\n")
+    source = ClassificationSource(name="T", path="t.csv")
+    for strategy in ("random", "guide_topk"):
+        triplets, report, skipped, _ = mine_source(
+            source, tmp_path, _settings(source, strategy=strategy), seed=0, guide=fake_guide()
+        )
+        assert set(triplets["anchor"]) == {"foo", "bar"}, strategy
+        reasons = {s.reason for s in skipped if s.row in (1, 2)}
+        expected = (
+            "anchor equals its positive or negative after case and whitespace normalisation"
+            if strategy == "random"
+            else "no same-label text other than copies of itself"
+        )
+        assert reasons == {expected} and report.degenerate == 2, strategy

@@ -95,7 +95,7 @@ def test_malformed_records_are_quarantined_with_record_number_and_reason(tmp_pat
     ]
     (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     medi = _load(tmp_path, "m.jsonl", fraction=1.0)
-    by_row = {s.row: (s.field, s.reason) for s in medi.skipped}
+    by_row = {int(r.row): (r.field, r.reason) for r in medi.removed().itertuples()}
     assert by_row[2] == ("record", "record is a str, not an object")
     assert by_row[3] == ("pos", "missing field(s) ['pos']")
     assert by_row[4] == ("query", "query: expected [instruction, text], got a list of 3")
@@ -105,7 +105,7 @@ def test_malformed_records_are_quarantined_with_record_number_and_reason(tmp_pat
     assert by_row[8][1].startswith("not valid JSON")
     assert by_row[9] == ("record", "not valid UTF-8")
     assert by_row[10] == ("positive", "anchor equals its positive or negative")
-    assert all(s.file == "m.jsonl" for s in medi.skipped)
+    assert set(medi.removed()["file"]) == {"m.jsonl"}
     report = medi.report
     assert report.input_rows == 11 and report.quarantined == 8 and report.degenerate == 1 and len(medi.triplets) == 2
 
@@ -151,3 +151,67 @@ def test_medi_joins_the_mined_triplets(tmp_path: Path) -> None:
     only_medi = DataSettings(classification=[], medi={"path": "medi.json"})
     data, report, _ = prepare_data(only_medi, tmp_path, seed=0)
     assert len(data) == 3 and [s.name for s in report.sources] == ["MEDI"]
+
+
+def _records(n: int) -> list[dict]:
+    return [
+        {"query": ["q:", f"question {i}"], "pos": ["p:", f"answer {i}"], "neg": ["p:", f"other {i}"], "task_name": "t"}
+        for i in range(n)
+    ]
+
+
+def test_a_json_list_broken_mid_stream_keeps_the_records_before_it(tmp_path: Path) -> None:
+    """Rows before a syntax error are kept, the broken record is quarantined with its number, and the
+    unread rest of the file counts against max_bad_fraction."""
+    good = [json.dumps(r) for r in _records(6)]
+    broken = good[:4] + ['{"query": ["q:", "broken" "pos": []}'] + good[4:]
+    (tmp_path / "mid.json").write_text("[" + ",\n".join(broken) + "]")
+    medi = _load(tmp_path, "mid.json", fraction=1.0)
+    assert list(medi.triplets["anchor"]) == [f"question {i}" for i in range(4)]
+    (bad,) = medi.skipped
+    assert bad.row == 5 and bad.field == "record" and bad.reason.startswith("not valid JSON")
+    assert medi.report.input_rows == 5 and medi.report.quarantined == 1
+    # a truncated file: everything before the cut is kept
+    (tmp_path / "cut.json").write_text(("[" + ",".join(good))[:-20])
+    medi = _load(tmp_path, "cut.json")
+    assert len(medi.triplets) == 5 and medi.skipped[0].row == 6
+    # past max_bad_fraction (here: most of a long file unread after an early break), the stage fails
+    many = [json.dumps(r) for r in _records(3000)]
+    (tmp_path / "early.json").write_text("[" + ",".join(many[:2] + ["{broken"] + many[2:]) + "]")
+    with pytest.raises(
+        DataError, match=r"early\.json: 1 of 3 MEDI records are malformed, and \d+% of the file could not"
+    ):
+        _load(tmp_path, "early.json", fraction=0.5)
+
+
+def test_bad_bytes_inside_a_json_list_quarantine_one_record(tmp_path: Path) -> None:
+    good = [json.dumps(r).encode() for r in _records(3)]
+    bad = b'{"query": ["q", "caf\xe9"], "pos": ["p", "x"], "neg": ["n", "y"], "task_name": "t"}'
+    (tmp_path / "bytes.json").write_bytes(b"[" + b",".join([good[0], bad, *good[1:]]) + b"]")
+    medi = _load(tmp_path, "bytes.json")
+    assert len(medi.triplets) == 3 and [(s.row, s.reason) for s in medi.skipped] == [
+        (2, "query: not valid UTF-8 (replacement characters)")
+    ]
+
+
+def test_near_duplicate_positive_is_degenerate(tmp_path: Path) -> None:
+    records = _records(3)
+    records[1]["pos"] = ["p:", "  QUESTION\t 1 "]  # the anchor, up to case and whitespace
+    records[2]["neg"] = ["p:", "question 2"]  # the anchor itself
+    (tmp_path / "near.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    medi = _load(tmp_path, "near.jsonl")
+    assert list(medi.triplets["row"]) == [1]
+    removed = medi.removed().set_index("row")
+    assert removed.loc[2, "reason"] == "anchor equals its positive or negative after case and whitespace normalisation"
+    assert (removed.loc[2, "field"], removed.loc[3, "field"]) == ("positive", "negative")
+    assert removed.loc[3, "reason"] == "anchor equals its positive or negative"
+    assert medi.report.degenerate == 2 and medi.report.input_rows == 3
+
+
+def test_parquet_is_read_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gist_core.data import medi as medi_module
+
+    monkeypatch.setattr(medi_module, "RECORD_CHUNK", 7)
+    _flat(NESTED * 10).to_parquet(tmp_path / "flat.parquet", row_group_size=4)
+    medi = _load(tmp_path, "flat.parquet")
+    assert len(medi.triplets) == 30 and list(medi.triplets["row"]) == list(range(1, 31))

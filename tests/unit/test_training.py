@@ -108,3 +108,38 @@ def test_split_and_grouped_samplers_keep_each_global_batch_one_task_without_dupl
         assert len(texts) == len(set(texts)), "a global batch repeats a text"
     sampler.set_epoch(1)
     assert list(sampler) != batches  # reshuffled per epoch, like sentence-transformers' samplers
+
+
+def test_a_split_pass_yields_exactly_its_advertised_length_even_with_many_repeats() -> None:
+    """Under DDP a pass that yields fewer batches than len() leaves a process waiting forever: never."""
+    from datasets import Dataset
+
+    from gist_core.training.batching import SplitBatchSamplerFactory
+
+    rng = np.random.default_rng(0)
+    # 60 rows over a pool of 45 texts: one no-duplicates pass cannot fill 60 // 8 = 7 batches of 8 rows (24 texts)
+    picks = [rng.choice(45, size=3, replace=False) for _ in range(60)]
+    rows = {c: [f"t{p[k]}" for p in picks] for k, c in enumerate(("anchor", "positive", "negative"))}
+    dataset = Dataset.from_dict(rows)
+    for kind in ("no_duplicates", "no_duplicates_hashed"):
+        sampler = SplitBatchSamplerFactory(kind, 2)(dataset, 4, True, generator=torch.Generator(), seed=1)
+        one_pass = [
+            b for b in sampler.inner._iter_one_pass(lambda i: set(dataset[i].values()), lambda v, b: bool(v & b))
+        ]
+        assert len(one_pass) < 7, "the fixture must need more than one pass"
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == len(sampler) == 14, kind
+            for start in range(0, len(batches), 2):
+                texts = [dataset[i][c] for b in batches[start : start + 2] for i in b for c in rows]
+                assert len(texts) == len(set(texts)), "a global batch repeats a text"
+    # a task that cannot give one duplicate-free global batch advertises none (and is reported)
+    from gist_core.training.batching import unbatchable_tasks
+
+    repeats = Dataset.from_dict({"anchor": ["a"] * 20, "positive": ["b"] * 20, "negative": ["c"] * 20})
+    short = Dataset.from_dict({c: [f"{c}{i}" for i in range(7)] for c in rows})
+    for data in (repeats, short):
+        sampler = SplitBatchSamplerFactory("no_duplicates", 2)(data, 4, True, generator=torch.Generator(), seed=1)
+        assert len(sampler) == 0 and list(sampler) == []
+    assert unbatchable_tasks({"repeats": repeats, "short": short, "fine": dataset}, 8) == {"repeats": 20, "short": 7}
