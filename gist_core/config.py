@@ -310,7 +310,10 @@ class GateSettings(_Section):
     baseline: Literal["champion", "base"] = Field(
         "champion", description="champion: the current champion when there is one, else the base student"
     )
-    min_mean_delta: float = Field(0.0, description="the mean of per-task deltas must be at least this")
+    min_mean_delta: float = Field(
+        0.001,
+        description="the mean of per-task deltas must be at least this; positive, so a tie (no change) blocks",
+    )
     min_category_delta: dict[str, float] = Field(
         default_factory=dict, description="per MTEB task type (STS, Classification, ...): minimum mean delta"
     )
