@@ -173,6 +173,12 @@ class TrainSettings(_Section):
     mini_batch_size: int | None = Field(None, ge=1, description="GradCache mini-batch (None: no GradCache)")
     save_steps: int | None = Field(10, ge=1, description="checkpoint every N steps for resuming (None: never)")
     checkpoints_dir: str = "outputs/checkpoints"
+    cached_models: int = Field(
+        2,
+        ge=0,
+        description="finished models kept in checkpoints_dir/<training key>/model and reused by a run with the "
+        "same key instead of training again (most recently used first; 0: never reuse)",
+    )
 
     @model_validator(mode="after")
     def _one_training_length(self) -> TrainSettings:
