@@ -501,7 +501,9 @@ def model_card(
 ) -> str:
     """The registered version's model card (``gist_core.registry.card``), from this run's real values."""
     cfg = settings.evaluate
-    tasks = build_tasks(cfg.tasks, settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root)
+    tasks = []
+    if evaluation.models:  # mteb's results are read back from the result cache for the card's metadata
+        tasks = build_tasks(cfg.tasks, settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root)
     cache_dir = settings.path(cfg.cache_dir)
     results: dict[str, list[Any]] = {}
     recorded: dict[str, dict[str, float]] = {}

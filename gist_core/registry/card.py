@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gist_core.errors import RegistryError
 from gist_core.gate import GateDecision
 from gist_core.registry.client import Store, client, model_name, retry, target_of
 from gist_core.registry.tags import CARD_FILE
@@ -314,14 +315,23 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def logged_model_id(store: Store, name: str, version: str) -> str:
+    """The id of the logged model (``m-...``) a version was registered from (its ``models:/m-...`` source)."""
+    target = target_of(store)
+    mv = retry(target, f"reading {name} version {version}", client(target).get_model_version, name, version)
+    model_id = getattr(mv, "model_id", None)  # not kept by every store: the source names it too
+    if not model_id and str(mv.source).startswith("models:/m-"):
+        model_id = str(mv.source)[len("models:/") :].split("/")[0]
+    if not model_id:
+        raise RegistryError(f"{name} version {version} was not registered from a logged model ({mv.source})")
+    return model_id
+
+
 def log_card(store: Store, version: str, text: str, name: str | None = None) -> str:
     """Write the card as README.md at the root of the version's logged model; returns its artifact URI."""
     target, name = target_of(store), model_name(store, name)
     mlc = client(target)
-    mv = retry(target, f"reading {name} version {version}", mlc.get_model_version, name, version)
-    model_id = getattr(mv, "model_id", None)
-    if not model_id:
-        raise ValueError(f"{name} version {version} has no logged model to hold its card")
+    model_id = logged_model_id(target, name, version)
     with tempfile.TemporaryDirectory(prefix="gist-card-") as scratch:
         path = Path(scratch) / CARD_FILE
         path.write_text(text)
@@ -338,8 +348,8 @@ def read_card(store: Store, version: str, name: str | None = None) -> str:
 
     target, name = target_of(store), model_name(store, name)
     mlc = client(target)
-    mv = retry(target, f"reading {name} version {version}", mlc.get_model_version, name, version)
-    logged = retry(target, f"reading the logged model of {name} version {version}", mlc.get_logged_model, mv.model_id)
+    model_id = logged_model_id(target, name, version)
+    logged = retry(target, f"reading the logged model of {name} version {version}", mlc.get_logged_model, model_id)
     with tempfile.TemporaryDirectory(prefix="gist-card-") as scratch:
         local = retry(
             target,

@@ -399,8 +399,8 @@ def cleanup_pending(
 
     A pending version older than ``min_age_seconds`` is deleted (its aliases go with it), unless it
     holds champion: then its promotion happened and only its record is missing, so it is kept and
-    tagged ``gist.promotion=incomplete``. Intended champion moves that never took effect are marked
-    ``abandoned``. ``dry_run`` reports without changing anything.
+    tagged ``gist.promotion=incomplete``. Intended champion moves older than ``min_age_seconds`` that
+    never took effect are marked ``abandoned``. ``dry_run`` reports without changing anything.
     """
     target, name = target_of(store), model_name(store, name)
     mlc = client(target)
@@ -410,10 +410,13 @@ def cleanup_pending(
         champion = alias_holder(target, mlc, name, CHAMPION)
         events = champion_events(target, name)
         for index, event in enumerate(events):
-            if event.state == INTENDED and not move_took_effect(events, index, champion):
-                abandoned.append(event.key)
-                if not dry_run:
-                    _write_event(target, mlc, name, replace(event, state=ABANDONED))
+            if event.state != INTENDED or move_took_effect(events, index, champion):
+                continue
+            if now_ms - int(event.key[len(EVENT_PREFIX) :]) // 1_000_000 < min_age_seconds * 1000:
+                continue  # a promotion on another host may be between its event and its alias move
+            abandoned.append(event.key)
+            if not dry_run:
+                _write_event(target, mlc, name, replace(event, state=ABANDONED))
         for record in list_versions(target, name):
             if not record.pending:
                 continue

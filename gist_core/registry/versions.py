@@ -265,7 +265,8 @@ def same_model_version(store: Store, fingerprint: str, name: str | None = None) 
     found = _search(
         store, f"looking up {name!r} versions by weights hash", name, f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"
     )
-    return next((r for r in found if not r.pending), None)
+    record = next((r for r in found if not r.pending), None)
+    return None if record is None else replace(record, aliases=version_aliases(store, record.version, name))
 
 
 def discard_version(store: Store, version: RegisteredVersion) -> None:
