@@ -203,12 +203,12 @@ def _data(card: CardInputs) -> list[str]:
 
 def results_frame(card: CardInputs) -> list[dict[str, Any]]:
     """Per-task main scores of each model label: mteb's ``BenchmarkResults.to_dataframe`` plus recorded scores."""
-    # deferred: mteb takes seconds to import
-    from mteb.results import BenchmarkResults, ModelResult
-
     labels = [label for label in card.results if card.results[label]]
     scores: dict[str, dict[str, float]] = {}
     if labels:
+        # deferred: mteb takes seconds to import
+        from mteb.results import BenchmarkResults, ModelResult
+
         models = [
             ModelResult(model_name=label, model_revision=str(i), task_results=list(card.results[label]))
             for i, label in enumerate(labels)
@@ -286,14 +286,20 @@ def _usage(card: CardInputs) -> list[str]:
         'embeddings = model.encode(["How do I reset my card PIN?", "A man is playing a guitar."])',
         "```",
         "",
-        "With sentence-transformers, from the model folder (downloaded from the registry or the Hub):",
+        "With sentence-transformers, from the model's folder in the registry (or a Hub repository after "
+        "`gist registry publish`):",
         "",
         "```python",
+        "import mlflow",
         "from sentence_transformers import SentenceTransformer",
         "",
-        f'model = SentenceTransformer("path/to/{card.name}-v{card.version}")',
+        f'mlflow.set_tracking_uri("{card.tracking_uri}")',
+        f'local = mlflow.artifacts.download_artifacts("models:/{card.name}/{card.version}")',
+        'model = SentenceTransformer(f"{local}/model.sentence_transformer")',
         'embeddings = model.encode(["How do I reset my card PIN?"], normalize_embeddings=True)',
         "```",
+        "",
+        f'From a shell: `gist registry encode {card.name} "How do I reset my card PIN?"`.',
         "",
     ]
 

@@ -343,7 +343,8 @@ def _keep_finished(settings: Settings, output_dir: Path, run_dir: Path, result: 
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)  # the final model is saved: nothing left to resume
     if not cfg.cached_models:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
         return
     _copy_atomically(output_dir, run_dir / FINAL_MODEL, result)
     finished = [folder for folder in run_dir.parent.iterdir() if (folder / FINAL_MODEL / TRAIN_METRICS_FILE).is_file()]

@@ -234,7 +234,14 @@ def test_fetch_champion_downloads_a_loadable_folder(settings, tiny_model_dir: Pa
     ev.models = {"champion": {"ref": "champion", "name": "x", "revision": marker["revision"] + "-len64"}}
     decision = stages.gate_decision(settings, ev, versions.current_champion(settings))
     assert decision.baseline_label == "champion v1" and decision.deltas["STSBenchmark"] == pytest.approx(-0.04)
-    ev.models["champion"]["revision"] = "another-folder"
+    # a bfloat16 evaluation of the same folder (revision <hash>-bf16-lib<...>) is recognised too
+    ev.models["champion"] = {"name": "x", "revision": marker["revision"] + "-bf16-lib0123", "fingerprint": ""}
+    assert stages.gate_decision(settings, ev, versions.current_champion(settings)).deltas["STSBenchmark"] == (
+        pytest.approx(-0.04)
+    )
+    ev.models["champion"] = {"name": "x", "revision": "x-len64", "fingerprint": marker["revision"]}
+    assert stages.gate_decision(settings, ev, versions.current_champion(settings)).baseline_label == "champion v1"
+    ev.models["champion"] = {"ref": "champion", "name": "x", "revision": "another-folder"}
     decision = stages.gate_decision(settings, ev, versions.current_champion(settings))
     assert decision.deltas["STSBenchmark"] == pytest.approx(0.01), "unknown folder: the recorded scores"
 
