@@ -411,6 +411,12 @@ def run_register(
         UnchangedModelError: another run registered the same weights (``unchanged_version``).
     """
     weights = model_fingerprint(_folder_ref(candidate_dir))
+    scored = (evaluation.models.get("candidate") or {}).get("fingerprint")
+    if scored and scored != weights:
+        raise EvaluationError(
+            f"{evaluation.path} scored another candidate (weights {scored[:12]}) than {candidate_dir} "
+            f"({weights[:12]}): run `gist evaluate` for this candidate first"
+        )
     existing = versions.run_version(settings, run_id)
     if existing is not None and existing.fingerprint not in (None, weights):
         raise RegistryError(

@@ -173,3 +173,23 @@ def test_parallel_evaluation_fans_out_one_task_per_entry(settings, prefect_harne
     assert calls[-1] == (("STSBenchmark", "Banking77Classification"), "reports/eval.json", "run-1", None)
     hub = pipeline.part_settings(settings, "mteb:MTEB(eng, v2)")
     assert hub.evaluate.output == ".cache/mteb/parts/mteb_MTEB_eng_v2_.json" and hub.gate.required_tasks == []
+
+
+def test_an_unchanged_run_ends_in_its_own_completed_state(settings) -> None:
+    record = versions.VersionRecord(
+        name="gist-embedding",
+        version="3",
+        run_id="run-of-v3",
+        created=0,
+        aliases=("challenger", "champion"),
+        tags={"gist.gate.verdict": "passed", "gist.model_fingerprint": "f" * 64},
+        description="",
+    )
+    result = stages.UnchangedResult(DATA, "rerun", {"reused": True, "key": "k" * 16}, record)
+    state = pipeline.final_state(result)
+    assert state.is_completed() and state.name == pipeline.UNCHANGED_STATE == "Unchanged"
+    assert state.message.startswith("unchanged: same model as version 3 (passed, challenger, champion); nothing")
+    assert "(training reused)" in state.message
+    markdown = report.unchanged_markdown(settings, result)
+    assert markdown.startswith("# unchanged: same model as version 3") and "f" * 64 in markdown
+    assert "the promotion gate was not asked" in markdown and "reused the kept model" in markdown
