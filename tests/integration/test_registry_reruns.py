@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -246,3 +247,39 @@ def test_cleanup_keeps_a_pending_champion(settings, tiny_model_dir: Path, monkey
     assert result.completed == ("1",) and result.removed == ()
     assert versions.get_version(settings, "1").tags[PROMOTION_TAG] == "incomplete"
     assert versions.champion_version(settings) == "1" and client.client(settings).get_registered_model("gist-test")
+
+
+def test_cli_register_refuses_a_stale_evaluation_and_records_a_block(
+    settings, tiny_model_dir: Path, repo_root: Path
+) -> None:
+    """`gist register` as a user runs it after `gist train` and `gist evaluate`, on a tiny model."""
+    register(settings, tiny_model_dir, 0.80)
+    root = settings.root
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["data_dir"] = str(repo_root / "data" / "raw")  # the card reads the task definitions
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    candidate = variant(tiny_model_dir, root)
+    (root / "outputs").mkdir(exist_ok=True)
+    candidate.rename(root / "outputs" / "candidate")
+    weights = stages.model_fingerprint(stages._folder_ref(root / "outputs" / "candidate"))
+    (root / "reports").mkdir(exist_ok=True)
+    stale = evaluation(0.79)
+    stale.models = {"candidate": {"name": "gist-local/model", "revision": "x", "fingerprint": "0" * 64}}
+    (root / "reports" / "eval.json").write_text(json.dumps(stale.to_dict()))
+    lock = {"stages": {"data": {"outs": [{"path": DATA.path, "md5": DATA.md5}]}}}
+    (root / "dvc.lock").write_text(json.dumps(lock))  # the data version `gist register` records
+    runner = CliRunner()
+    refused = runner.invoke(app, ["register", "--root", str(root)])
+    assert refused.exit_code == 1 and "run `gist evaluate` for this candidate first" in refused.output
+    assert len(versions.list_versions(settings)) == 1
+
+    fresh = evaluation(0.79)
+    fresh.models = {"candidate": {"name": "gist-local/model", "revision": "x", "fingerprint": weights}}
+    (root / "reports" / "eval.json").write_text(json.dumps(fresh.to_dict()))
+    blocked = runner.invoke(app, ["register", "--root", str(root), "--set", "gate.min_mean_delta=0.5"])
+    assert blocked.exit_code == 0, blocked.output
+    assert "gate blocked" in blocked.output and "mean delta" in blocked.output
+    assert "registered gist-test version 2 (no alias)" in blocked.output
+    record = versions.get_version(settings, "2")
+    assert record.tags["gist.gate.verdict"] == "blocked" and "mean delta" in record.tags["gist.gate.reasons"]
+    assert record.fingerprint == weights and versions.champion_version(settings) == "1"
