@@ -25,7 +25,6 @@ from gist_core.evaluation.summary import plot_deltas, scores_to_metrics, summari
 from gist_core.evaluation.tasks import build_tasks
 from gist_core.gate import GateDecision, Scorecard, choose_baseline, decide
 from gist_core.models import (
-    PACKAGED_MODELS,
     ModelRef,
     ensure_available,
     fingerprint,
@@ -426,7 +425,10 @@ def run_register(
     if existing is None and (same := versions.same_model_version(settings, weights)) is not None:
         raise UnchangedModelError(same)
     commit = git_commit(settings.root)
-    redecide = lambda record: gate_decision(settings, evaluation, record)  # noqa: E731
+
+    def redecide(record: VersionRecord | None) -> GateDecision:
+        return gate_decision(settings, evaluation, record)
+
     if existing is not None and not existing.pending:
         log.info("run %s already registered and decided version %s", run_id, existing.version)
         baseline = existing.tags.get(GATE_BASELINE_VERSION_TAG)
@@ -531,49 +533,20 @@ def model_card(
             add(f"champion v{champion}", "champion", evaluation.baselines.get("champion", {}))
         else:
             add(f"champion v{champion}", "", dict(versions.get_version(settings, champion).scorecard().scores))
-    models_dir = settings.path(settings.base.models_dir)
-    student = resolve_model(settings.base.student, models_dir, settings.root)
-    packaged = PACKAGED_MODELS.get(settings.base.student)
-    student_id = packaged.hub_id if packaged else (student.location if student.source == "hub" else None)
-    sources = [(s.name, s.path) for s in settings.data.classification]
-    if settings.data.medi is not None:
-        sources.append(("MEDI", str(settings.data.medi.path)))
-    inputs = card.CardInputs(
-        name=version.name,
-        version=version.version,
-        aliases=version.aliases,
-        student=settings.base.student,
-        student_id=student_id,
-        student_fingerprint=(evaluation.models.get("base") or {}).get("fingerprint") or _local_fingerprint(student),
-        guide=settings.base.guide,
-        guide_fingerprint=_local_fingerprint(resolve_model(settings.base.guide, models_dir, settings.root)),
-        train=settings.train.model_dump(mode="json"),
-        trained=_train_summary(candidate_dir),
-        seed=settings.base.seed,
-        data_version=data.md5,
-        data_path=data.path,
-        sources=sources,
-        triplets_per_task=_triplets_per_task(settings.path(data.path)),
+    summary = _train_summary(candidate_dir)
+    inputs = card.from_run(
+        settings,
+        version=(version.name, version.version, version.aliases),
         decision=decision,
         run_id=run_id,
-        tracking_uri=settings.tracking_uri,
-        git_commit=commit,
-        params_hash=settings.params_hash(),
-        weights_hash=weights,
-        mteb_version=evaluation.mteb_version,
-        eval_settings=evaluation.eval_settings,
-        task_revisions=evaluation.task_revisions,
-        categories=evaluation.categories,
+        data=(data.md5, data.path, _triplets_per_task(settings.path(data.path))),
+        lineage={"git_commit": commit, "weights_hash": weights, "train_key": summary.get("key")},
+        trained=summary,
+        evaluation=evaluation.to_dict(),
         results=results,
         recorded=recorded,
-        train_key=_train_summary(candidate_dir).get("key"),
     )
     return card.render(inputs)
-
-
-def _local_fingerprint(ref: ModelRef) -> str | None:
-    """A model's fingerprint when its folder is here (a card never downloads or provisions a model)."""
-    return model_fingerprint(ref) if ref.is_local and Path(ref.location).is_dir() else None
 
 
 def _triplets_per_task(path: Path) -> dict[str, int]:

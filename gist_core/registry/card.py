@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gist_core.config import Settings
 from gist_core.errors import RegistryError
 from gist_core.gate import GateDecision
+from gist_core.models import PACKAGED_MODELS, ModelRef, model_fingerprint, resolve_model
 from gist_core.registry.client import Store, client, model_name, retry, target_of
 from gist_core.registry.tags import CARD_FILE
 from gist_core.tables import markdown_table
@@ -97,6 +99,65 @@ class CardInputs:
     results: Mapping[str, Sequence[TaskResult]] = field(default_factory=dict)
     recorded: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     train_key: str | None = None
+
+
+def from_run(
+    settings: Settings,
+    *,
+    version: tuple[str, str, tuple[str, ...]],
+    decision: GateDecision,
+    run_id: str,
+    data: tuple[str, str, Mapping[str, int]],
+    lineage: Mapping[str, str | None],
+    trained: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    results: Mapping[str, Sequence[TaskResult]],
+    recorded: Mapping[str, Mapping[str, float]],
+) -> CardInputs:
+    """A card's inputs from a run: ``version`` (name, number, aliases), ``data`` (version, path, triplets
+    per task), ``lineage`` (git_commit, weights_hash, train_key) and the evaluation output as a dict."""
+    models_dir = settings.path(settings.base.models_dir)
+    student = resolve_model(settings.base.student, models_dir, settings.root)
+    packaged = PACKAGED_MODELS.get(settings.base.student)
+    sources = [(s.name, s.path) for s in settings.data.classification]
+    if settings.data.medi is not None:
+        sources.append(("MEDI", settings.data.medi.path))
+    scored_base = (evaluation.get("models") or {}).get("base") or {}
+    return CardInputs(
+        name=version[0],
+        version=version[1],
+        aliases=version[2],
+        student=settings.base.student,
+        student_id=packaged.hub_id if packaged else (student.location if student.source == "hub" else None),
+        student_fingerprint=scored_base.get("fingerprint") or _local_fingerprint(student) or "unknown",
+        guide=settings.base.guide,
+        guide_fingerprint=_local_fingerprint(resolve_model(settings.base.guide, models_dir, settings.root)),
+        train=settings.train.model_dump(mode="json"),
+        trained=trained,
+        seed=settings.base.seed,
+        data_version=data[0],
+        data_path=data[1],
+        sources=sources,
+        triplets_per_task=data[2],
+        decision=decision,
+        run_id=run_id,
+        tracking_uri=settings.tracking_uri,
+        git_commit=str(lineage.get("git_commit")),
+        params_hash=settings.params_hash(),
+        weights_hash=str(lineage.get("weights_hash")),
+        mteb_version=evaluation["mteb_version"],
+        eval_settings=evaluation.get("eval_settings") or {},
+        task_revisions=evaluation["task_revisions"],
+        categories=evaluation.get("categories") or {},
+        results=results,
+        recorded=recorded,
+        train_key=lineage.get("train_key"),
+    )
+
+
+def _local_fingerprint(ref: ModelRef) -> str | None:
+    """A model's fingerprint when its folder is here (a card never downloads or provisions a model)."""
+    return model_fingerprint(ref) if ref.is_local and Path(ref.location).is_dir() else None
 
 
 def render(card: CardInputs) -> str:

@@ -175,6 +175,9 @@ def test_a_crash_before_the_alias_moved_is_ignored_then_cleaned(settings, tiny_m
     assert done.exit_code == 0, done.output
     assert "removed version 2" in done.output and "marked abandoned" in done.output
     assert [v.version for v in versions.list_versions(settings)] == [v1.version]
+    assert {k: str(v) for k, v in client.client(settings).get_registered_model("gist-test").aliases.items()} == {
+        "champion": v1.version
+    }, "the removed version's challenger alias went with it"
     assert [e.state for e in history.champion_events(settings)] == ["done", "abandoned"]
     assert "pending" not in runner.invoke(app, ["registry", "history", "gist-test", "--root", root]).output
 
