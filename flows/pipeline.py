@@ -97,9 +97,18 @@ def fine_tune(settings: Settings, data: DataVersion, run_id: str, overrides: dic
         result = launch.run_torchrun(settings, run_id, overrides)
     else:
         result = stages.run_train(settings, data, run_id).to_dict()
-    get_run_logger().info(
-        "trained %d steps, final loss %.4f, %.0f s", result["steps"], result["train_loss"], result["seconds"]
-    )
+    if result.get("reused"):
+        get_run_logger().info(
+            "reused the model trained with key %s (%d steps, final loss %.4f; trained in %.0f s): nothing trained",
+            result["key"],
+            result["steps"],
+            result["train_loss"],
+            result["seconds"],
+        )
+    else:
+        get_run_logger().info(
+            "trained %d steps, final loss %.4f, %.0f s", result["steps"], result["train_loss"], result["seconds"]
+        )
     return result
 
 

@@ -99,6 +99,7 @@ class CardInputs:
     results: Mapping[str, Sequence[TaskResult]] = field(default_factory=dict)
     recorded: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     train_key: str | None = None
+    guide_id: str | None = None  # Hub id of the guide when known
 
 
 def from_run(
@@ -119,6 +120,8 @@ def from_run(
     models_dir = settings.path(settings.base.models_dir)
     student = resolve_model(settings.base.student, models_dir, settings.root)
     packaged = PACKAGED_MODELS.get(settings.base.student)
+    guide = resolve_model(settings.base.guide, models_dir, settings.root)
+    packaged_guide = PACKAGED_MODELS.get(settings.base.guide)
     sources = [(s.name, s.path) for s in settings.data.classification]
     if settings.data.medi is not None:
         sources.append(("MEDI", settings.data.medi.path))
@@ -131,7 +134,8 @@ def from_run(
         student_id=packaged.hub_id if packaged else (student.location if student.source == "hub" else None),
         student_fingerprint=scored_base.get("fingerprint") or _local_fingerprint(student) or "unknown",
         guide=settings.base.guide,
-        guide_fingerprint=_local_fingerprint(resolve_model(settings.base.guide, models_dir, settings.root)),
+        guide_fingerprint=_local_fingerprint(guide),
+        guide_id=packaged_guide.hub_id if packaged_guide else (guide.location if guide.source == "hub" else None),
         train=settings.train.model_dump(mode="json"),
         trained=trained,
         seed=settings.base.seed,
@@ -204,7 +208,8 @@ def _models(card: CardInputs) -> list[str]:
     hub_id = card.student_id or "local folder"
     rows = [["base model (student)", f"`{card.student}`", hub_id, f"`{card.student_fingerprint}`"]]
     if card.train.get("loss") == "gist":
-        rows.append(["guide (frozen)", f"`{card.guide}`", "", f"`{card.guide_fingerprint or 'unknown'}`"])
+        guide_id = card.guide_id or "local folder"
+        rows.append(["guide (frozen)", f"`{card.guide}`", guide_id, f"`{card.guide_fingerprint or 'unknown'}`"])
     out = ["## Base model and guide", ""]
     out += markdown_table(["role", "model", "Hub id", "content fingerprint"], rows)
     return out + [""]

@@ -66,6 +66,7 @@ def inputs() -> CardInputs:
         categories={"STSBenchmark": "STS", "Banking77Classification": "Classification"},
         recorded={THIS: CANDIDATE, "base": BASE, "champion v1": CHAMPION},
         train_key="k" * 16,
+        guide_id="sentence-transformers/all-mpnet-base-v2",
     )
 
 
@@ -80,6 +81,7 @@ def test_card_sections_in_order_with_the_values_given() -> None:
     assert positions == sorted(positions)
     assert body.startswith("# gist-embedding version 2\n")
     for row in (
+        "| guide (frozen) | `all-mpnet-base-v2` | sentence-transformers/all-mpnet-base-v2 | `" + "b" * 64 + "` |",
         "| temperature | 0.01 |",
         "| contrast positives (positive-positive negatives) | False |",
         "| epochs or steps | 30 steps |",
