@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows.parameters import plain_form, project_root
 from gist_core import stages, versioning
 from gist_core.ablation import plan, runner
 from gist_core.ablation import report as ablation_report
@@ -31,7 +31,7 @@ REPORT_KEY = "gist-ablation"
 class AblationParameters(BaseModel):
     """Overrides of params.yaml's ``ablation`` section for one run (what the Prefect UI may send)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, title="GIST ablation run")
+    model_config = ConfigDict(extra="forbid", frozen=True, title="GIST ablation run", json_schema_extra=plain_form)
 
     quick: bool = Field(False, description="a few-minute smoke run (2 steps, 2 seeds, 1 task); not for conclusions")
     arms: list[str] | None = Field(None, min_length=1, description="names of ablation.arms to run (a subset)")
@@ -117,12 +117,10 @@ def report(
 
 
 @flow(name="gist-ablation")
-def gist_ablation(
-    root: str = ".", params: AblationParameters = AblationParameters(), command: str = "gist ablation"
-) -> dict[str, str]:
+def gist_ablation(params: AblationParameters = AblationParameters(), command: str = "gist ablation") -> dict[str, str]:
     """Train and score every arm, seed and noise level of ``ablation`` in params.yaml; report them side by side."""
     started = time.time()
-    settings = apply_ablation_parameters(load_settings(Path(root)), params)
+    settings = apply_ablation_parameters(load_settings(project_root()), params)
     stages.preflight(settings)  # bad parameters fail here, before any work
     plan.check(settings)
     version_data(settings)

@@ -7,6 +7,7 @@ They join the core's own Typer app, so ``gist --help`` lists every command in on
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from flows.parameters import PROJECT_ENV, PipelineParameters
 from gist_core.ablation.plan import check as check_ablation
 from gist_core.cli import RootOpt, SetOpt, app, cli_settings, friendly, parse_overrides
 from gist_core.stages import UnchangedResult, preflight
@@ -28,10 +30,10 @@ def pipeline(root: RootOpt = Path("."), overrides: SetOpt = None) -> None:
     parsed = parse_overrides(overrides)
     preflight(cli_settings(root, overrides))  # fail on bad settings or inputs before Prefect starts
     # deferred: Prefect takes seconds to import; the stage commands (DVC runs them) never need it
-    from flows.parameters import PipelineParameters
     from flows.pipeline import gist_pipeline
 
-    result = gist_pipeline(root=str(root.resolve()), params=PipelineParameters(overrides=parsed))
+    os.environ[PROJECT_ENV] = str(root.resolve())  # the flow works on this checkout
+    result = gist_pipeline(params=PipelineParameters(overrides=parsed))
     typer.echo("")
     typer.echo("== GIST pipeline finished ==")
     if isinstance(result, UnchangedResult):
@@ -59,7 +61,8 @@ def ablation(
     preflight(settings)  # bad settings fail before Prefect starts
     check_ablation(settings)
     command = "gist " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["ablation"] else "gist ablation"
-    paths = gist_ablation(root=str(root.resolve()), params=params, command=command)
+    os.environ[PROJECT_ENV] = str(root.resolve())  # the flow works on this checkout
+    paths = gist_ablation(params=params, command=command)
     typer.echo("")
     typer.echo("== GIST ablation finished ==")
     typer.echo(Path(paths["markdown"]).read_text())

@@ -33,6 +33,7 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 from prefect.types.entrypoint import EntrypointType
 
+from flows.parameters import PROJECT_ENV, PipelineParameters, showing_current_values
 from flows.pipeline import gist_pipeline
 from gist_core.config import Settings
 from gist_core.errors import GistError
@@ -43,42 +44,48 @@ FLOW_NAME = "gist-pipeline"
 ON_DEMAND = "on-demand"
 SCHEDULED = "scheduled-retrain"
 TAGS = ["gist"]
+UI_API_PATH = "/api"  # what a served UI calls: the API beside it, on whatever host and port it was opened
 
 
 def build_deployments(settings: Settings, schedule: bool = True, update_checkout: bool | None = None) -> list[Any]:
     """RunnerDeployments for this checkout: on-demand, and scheduled-retrain unless ``schedule`` is False.
 
-    The scheduled run first pulls the checkout's upstream (git and DVC) so it trains on the latest
-    committed data version; ``update_checkout`` None does so when the checkout has an upstream branch.
+    The runs work on the checkout in ``$GIST_PROJECT_DIR`` (``serve_pipeline`` sets it): the project
+    is not a parameter, so the run form cannot point a run at another folder. The form's fields say
+    params.yaml's current values. The scheduled run first pulls the checkout's upstream (git and
+    DVC) so it trains on the latest committed data version; ``update_checkout`` None does so when
+    the checkout has an upstream branch.
     """
     root = str(settings.root.resolve())
     common: dict[str, Any] = {
-        "parameters": {"root": root},
         "tags": TAGS,
         # `flows` is an installed package: the served runs import it wherever they start.
         "entrypoint_type": EntrypointType.MODULE_PATH,
     }
-    deployments = [
-        gist_pipeline.to_deployment(
-            name=ON_DEMAND,
-            description=f"Fine-tune, evaluate and gate on {root}; parameters override params.yaml for one run.",
-            **common,
-        )
-    ]
-    if schedule:
-        cfg = settings.orchestration
-        if update_checkout is None:
-            update_checkout = has_upstream(settings.root)
-        which = "latest committed (git pull + dvc pull first)" if update_checkout else "current"
-        deployments.append(
+    with showing_current_values(PipelineParameters.current_values(settings)):
+        deployments = [
             gist_pipeline.to_deployment(
-                name=SCHEDULED,
-                description=f"Retrain on the {which} data version of {root} ({cfg.schedule_cron} "
-                f"{cfg.schedule_timezone}); the promotion gate decides.",
-                schedules=[Cron(cfg.schedule_cron, timezone=cfg.schedule_timezone)],
-                **{**common, "parameters": {**common["parameters"], "params": {"update_checkout": update_checkout}}},
+                name=ON_DEMAND,
+                description=f"Fine-tune, evaluate and gate on {root}; the form's fields override params.yaml "
+                "for one run (left empty, params.yaml applies).",
+                **common,
             )
-        )
+        ]
+        if schedule:
+            cfg = settings.orchestration
+            if update_checkout is None:
+                update_checkout = has_upstream(settings.root)
+            which = "latest committed (git pull + dvc pull first)" if update_checkout else "current"
+            deployments.append(
+                gist_pipeline.to_deployment(
+                    name=SCHEDULED,
+                    description=f"Retrain on the {which} data version of {root} ({cfg.schedule_cron} "
+                    f"{cfg.schedule_timezone}); the promotion gate decides.",
+                    schedules=[Cron(cfg.schedule_cron, timezone=cfg.schedule_timezone)],
+                    parameters={"params": {"update_checkout": update_checkout}},
+                    **common,
+                )
+            )
     return deployments
 
 
@@ -141,9 +148,15 @@ def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen | None 
 def start_local_server(
     port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None, log_file: Path | None = None
 ) -> LocalServer:
-    """Start `prefect server start` (its own process group) and wait until its API is healthy."""
+    """Start `prefect server start` (its own process group) and wait until its API is healthy.
+
+    The UI it serves calls the API on the same port: ``PREFECT_UI_API_URL`` is ``/api`` (relative to
+    the page, so it holds whichever host name the browser used) unless the environment sets it.
+    Without it Prefect's UI calls port 4200 whatever the port, and shows "Can't connect to Server API".
+    """
     environment = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
     environment.pop("PREFECT_API_URL", None)
+    environment.setdefault("PREFECT_UI_API_URL", UI_API_PATH)
     out = log_file.open("ab") if log_file else subprocess.DEVNULL
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
@@ -183,8 +196,11 @@ def ui_url(api_url: str) -> str:
 
 
 def serve_pipeline(settings: Settings, port: int = 4200, schedule: bool = True, echo: Any = print) -> None:
-    """Serve the deployments until interrupted (Ctrl-C), against PREFECT_API_URL or a local server."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API poll otherwise
+    """Serve the deployments until interrupted (Ctrl-C), against PREFECT_API_URL or a local server.
+
+    The runs work on this checkout (``$GIST_PROJECT_DIR``, inherited by the flow-run processes).
+    """
+    os.environ[PROJECT_ENV] = str(settings.root.resolve())
     with prefect_api(port) as api_url:
         deployments = build_deployments(settings, schedule=schedule)
         echo(f"Prefect UI: {ui_url(api_url)}")

@@ -24,7 +24,7 @@ from prefect.states import Completed, Failed, State
 from prefect.transactions import Transaction, transaction
 
 from flows import caching, launch, report
-from flows.parameters import PipelineParameters, apply_parameters
+from flows.parameters import PipelineParameters, apply_parameters, project_root
 from gist_core import stages, versioning
 from gist_core.config import Settings, load_settings, with_overrides
 from gist_core.errors import RegistryError, VersioningError
@@ -221,18 +221,20 @@ def final_state(result: stages.PipelineResult | stages.UnchangedResult) -> State
 
 
 @flow(name="gist-pipeline")
-def gist_pipeline(
-    root: str = ".", params: PipelineParameters = PipelineParameters()
-) -> stages.PipelineResult | stages.UnchangedResult:
-    """Run the four stages on the project at ``root``; ``params`` override params.yaml for this run."""
+def gist_pipeline(params: PipelineParameters = PipelineParameters()) -> stages.PipelineResult | stages.UnchangedResult:
+    """Run the four stages on the served project (``$GIST_PROJECT_DIR``, else the working directory).
+
+    ``params`` override params.yaml for this run.
+    """
     logger = get_run_logger()
+    root = project_root()
     stage = "preflight"
     try:
         if params.update_checkout:
             stage = "0-update-checkout"
             update_checkout(str(root))
             stage = "preflight"
-        settings, overrides = apply_parameters(load_settings(Path(root)), params)
+        settings, overrides = apply_parameters(load_settings(root), params)
         stages.preflight(settings)
         stage = "1-version-data"
         version_task = version_data

@@ -47,7 +47,12 @@ RunOpt = Annotated[str | None, typer.Option("--run-id", help="log to this MLflow
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("GIST_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    """INFO lines from the pipeline (GIST_LOG_LEVEL to change); HTTP client chatter only at DEBUG."""
+    level = os.environ.get("GIST_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # one line per Prefect or MLflow API call otherwise
+        for chatty in ("httpx", "httpcore", "urllib3"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server migrates a fresh database on first use; on a loaded 2-core machine that
     # can take longer than Prefect's 20 s default.

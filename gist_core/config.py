@@ -309,6 +309,9 @@ class RegistrySettings(_Section):
     retry_attempts: int = Field(4, ge=1, description="attempts per registry call while MLflow is unreachable")
     retry_backoff_seconds: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt")
     lock_timeout_seconds: float = Field(120.0, gt=0, description="wait for another promotion of the same model")
+    lock_lease_seconds: float = Field(
+        300.0, ge=10, description="a promotion lock on a tracking server older than this (its holder died) is broken"
+    )
 
 
 class GateSettings(_Section):

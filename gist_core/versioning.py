@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,15 +41,41 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_dvc(root: Path, *args: str) -> str:
-    """Run a DVC command in the project; raise VersioningError with DVC's own message on failure."""
+def dvc_failure(output: str) -> str:
+    """The lines of a failed DVC command's output that say why, joined into one line.
+
+    A stage command's own ``error: ...`` line first (``gist`` prints one for a problem the user can
+    fix), then DVC's ``ERROR: ...`` lines; the last output line when there is neither.
+    """
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    ours = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    dvc = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR: ")]
+    reasons = list(dict.fromkeys(ours + dvc)) or lines[-1:] or ["no output"]
+    return "; ".join(reasons)
+
+
+def run_dvc(root: Path, *args: str, show: bool = False, where: str = "") -> str:
+    """Run a DVC command in the project and return its output; on failure a one-line VersioningError.
+
+    With ``show`` the command's output (stage logs, progress bars) streams to stderr as it comes, so
+    long stages inside ``dvc repro`` show progress. ``where`` names what the command talks to (a
+    remote and its URL) in the error.
+    """
     cmd = [sys.executable, "-m", "dvc", *args]
     log.info("dvc %s", " ".join(args))
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=_env())
-    if proc.returncode != 0:
-        detail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-8:])
-        raise VersioningError(f"`dvc {' '.join(args)}` failed in {root}:\n{detail}")
-    return proc.stdout
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    assert proc.stdout is not None
+    chunks = []
+    for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):  # type: ignore[union-attr]
+        chunks.append(chunk)
+        if show:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+    output = b"".join(chunks).decode("utf-8", errors="replace")
+    if proc.wait() != 0:
+        target = f" ({where})" if where else ""
+        raise VersioningError(f"`dvc {' '.join(args)}` failed in {root}{target}: {dvc_failure(output)}")
+    return output
 
 
 def default_remote(root: Path) -> str | None:
@@ -77,18 +104,35 @@ def lock_md5(root: Path, stage: str, out_path: str) -> str:
     raise VersioningError(f"{lock}: stage {stage!r} has no output {out_path!r}")
 
 
+def push_to_remote(root: Path, *targets: str, attempts: int = 3, backoff_seconds: float = 2.0) -> None:
+    """``dvc push`` to the default remote, retried with exponential backoff while it fails.
+
+    The error names the remote and its URL (for S3, the bucket) and says why in one line.
+    """
+    remote = default_remote(root)
+    if remote is None:
+        raise VersioningError(f"{root}: no default DVC remote; add one with `dvc remote add -d NAME URL`")
+    for attempt in range(1, attempts + 1):
+        try:
+            run_dvc(root, "push", *targets, show=True, where=f"remote {remote}")
+            return
+        except VersioningError as err:
+            if attempt == attempts:
+                raise
+            wait = backoff_seconds * 2 ** (attempt - 1)
+            log.warning("dvc push failed (attempt %d/%d), retrying in %.0f s: %s", attempt, attempts, wait, err)
+            time.sleep(wait)
+
+
 def version_data(root: Path, out_path: str, stage: str = DATA_STAGE, push: bool = True) -> DataVersion:
     """Reproduce the data stage (a no-op when nothing changed), push it, and return its version."""
     if not (root / ".dvc").is_dir():
         raise VersioningError(f"{root}: not a DVC project (no .dvc folder); run `dvc init`")
-    run_dvc(root, "repro", stage)
-    remote = default_remote(root)
+    run_dvc(root, "repro", stage, show=True)
     if push:
-        if remote is None:
-            raise VersioningError(f"{root}: no default DVC remote; add one with `dvc remote add -d NAME URL`")
         # --with-deps: the upstream stages' outputs too (the mined triplets of the `mine` stage)
-        run_dvc(root, "push", "--with-deps", stage)
-    return DataVersion(stage, out_path, lock_md5(root, stage, out_path), remote)
+        push_to_remote(root, "--with-deps", stage)
+    return DataVersion(stage, out_path, lock_md5(root, stage, out_path), default_remote(root))
 
 
 def git_commit(root: Path) -> str:
@@ -152,6 +196,6 @@ def update_checkout(root: Path) -> CheckoutUpdate:
     _git(root, "pull", "--ff-only", "--quiet")
     after = _git(root, "rev-parse", "HEAD")
     if (root / ".dvc").is_dir() and default_remote(root) is not None:
-        run_dvc(root, "pull", "--allow-missing")
+        run_dvc(root, "pull", "--allow-missing", show=True, where=f"remote {default_remote(root)}")
     log.info("checkout %s: %s -> %s (%s)", root, before[:12], after[:12], upstream)
     return CheckoutUpdate(before, after, upstream)

@@ -144,7 +144,8 @@ def retry(store: Store, what: str, fn: Callable[..., T], *args: Any, **kwargs: A
                 raise
             if attempt == attempts:
                 raise RegistryError(
-                    f"{what}: MLflow at {target.uri} failed {attempts} time(s); last error: {short_error(err)}"
+                    f"{what}: MLflow at {target.uri} failed {attempts} time(s){diagnosis(err)}; "
+                    f"last error: {short_error(err)}"
                 ) from err
             wait = delay * 2 ** (attempt - 1)
             log.warning(
@@ -154,6 +155,19 @@ def retry(store: Store, what: str, fn: Callable[..., T], *args: Any, **kwargs: A
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def diagnosis(err: BaseException) -> str:
+    """What a transient failure says about the service, for the one-line error (or "")."""
+    text = str(err)
+    if "503" in text:
+        return " (the server answers 503 Service Unavailable: is its database up?)"
+    if "500" in text:
+        return " (the server answers 500: its log says why; an artifact store it cannot reach, for one)"
+    if "Connection refused" in text or "Failed to establish a new connection" in text:
+        return " (nothing answers at that address: is the server running?)"
+    return ""
+
+
 def short_error(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}"
+    """The error on one line, cut to 400 characters."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
     return text if len(text) < 400 else text[:400] + "..."

@@ -2,8 +2,9 @@
 
 A candidate first gets ``challenger``; if the gate passes, ``champion`` moves to it; if not,
 ``champion`` stays and ``challenger`` is taken back. The move is a compare-and-set: under a lock
-(``promotion_lock``) the champion alias is read again, and if it moved since the decision was made,
-the decision is made again against the new champion's recorded scores. Two promotions racing for
+shared by every host (``gist_core.registry.locks``) the champion alias is read again, and if it
+moved since the decision was made, the decision is made again against the new champion's recorded
+scores. Two promotions racing for
 one model name therefore end with one champion, the one that passed against the latest champion.
 
 Each decision is written as run artifacts ``gate/decision.json`` and ``gate/decision.md``, as
@@ -20,18 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from hashlib import sha256
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock, Timeout
-
-from gist_core.config import SQLITE_PREFIX
 from gist_core.errors import RegistryError
 from gist_core.gate import GateDecision
 from gist_core.registry.client import RegistryTarget, Store, client, model_name, retry, target_of
@@ -46,6 +39,7 @@ from gist_core.registry.history import (
     now,
     previous_champion,
 )
+from gist_core.registry.locks import promotion_lock
 from gist_core.registry.tags import (
     CHALLENGER,
     CHAMPION,
@@ -77,37 +71,6 @@ class Promotion:
     previous_champion: str | None  # champion right before the move (read under the lock)
     redecided: bool
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def lock_path(store: Store, name: str | None = None) -> Path:
-    """The file that serialises alias moves of one model on this host.
-
-    Next to the database for SQLite; for a server, in ``$GIST_REGISTRY_LOCK_DIR`` (default: the
-    temp folder), keyed by server URI and model name.
-    """
-    target, name = target_of(store), model_name(store, name)
-    if target.uri.startswith(SQLITE_PREFIX):
-        db = Path(target.uri[len(SQLITE_PREFIX) :])
-        return db.with_name(f"{db.name}.{name}.lock")
-    folder = Path(os.environ.get("GIST_REGISTRY_LOCK_DIR") or Path(tempfile.gettempdir()) / "gist-registry-locks")
-    return folder / f"{sha256(f'{target.uri}|{name}'.encode()).hexdigest()[:24]}.lock"
-
-
-@contextmanager
-def promotion_lock(store: Store, name: str | None = None) -> Iterator[Path]:
-    """An exclusive lock (across processes on this host) for moving aliases of one model."""
-    target = target_of(store)
-    path = lock_path(target, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path, timeout=target.conf.lock_timeout_seconds)
-    try:
-        with lock:
-            yield path
-    except Timeout:
-        raise RegistryError(
-            f"another promotion of {model_name(target, name)!r} held {path} for more than "
-            f"{target.conf.lock_timeout_seconds:.0f} s"
-        ) from None
 
 
 def _move_champion(

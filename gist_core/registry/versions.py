@@ -177,11 +177,12 @@ def register_model(
     signature = infer_signature(INPUT_EXAMPLE, model.encode(INPUT_EXAMPLE))
     version_tags = prefixed({**tags, "registration_id": token, "promotion": "pending"})
     try:
-        experiment_id = retry(target, f"reading run {run_id}", mlc.get_run, run_id).info.experiment_id
-        with fluent_uri(target, experiment_id):
+        run_info = retry(target, f"reading run {run_id}", mlc.get_run, run_id).info
+        with fluent_uri(target, run_info.experiment_id):
             info = retry(
                 target,
-                f"logging the model of run {run_id}",
+                # where the files go, so a failing artifact store is named (an S3 bucket, or the server's store)
+                f"storing the model's files of run {run_id} in the artifact store {run_info.artifact_uri}",
                 mlflow.sentence_transformers.log_model,
                 model,
                 name="model",

@@ -47,7 +47,7 @@ from gist_core.errors import DataError
 from gist_core.hashing import file_md5
 from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint
 from gist_core.training.runtime import pick_device, resolve_models
-from gist_core.versioning import run_dvc
+from gist_core.versioning import push_to_remote, run_dvc
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -355,7 +355,7 @@ def version_guide_cache(settings: Settings, push: bool = True) -> bool:
         return False
     if GUIDE_CACHE_STAGE not in ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}):
         return False
-    run_dvc(settings.root, "repro", GUIDE_CACHE_STAGE)
+    run_dvc(settings.root, "repro", GUIDE_CACHE_STAGE, show=True)
     if push:
-        run_dvc(settings.root, "push", GUIDE_CACHE_STAGE)
+        push_to_remote(settings.root, GUIDE_CACHE_STAGE)
     return True

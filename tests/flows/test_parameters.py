@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flows.parameters import PipelineParameters, apply_parameters
+from flows.parameters import PipelineParameters, apply_parameters, showing_current_values
 from gist_core.config import OrchestrationSettings, load_settings
 from gist_core.errors import ConfigError
 from tests.support.projects import REPO
@@ -115,14 +115,27 @@ def test_settings_level_errors_surface_as_config_errors(settings) -> None:
         apply_parameters(settings, PipelineParameters(tasks=["NoSuchTask"]))
 
 
-def test_json_schema_lets_the_server_reject_bad_runs() -> None:
+def test_json_schema_lets_the_server_reject_bad_runs_and_reads_as_a_form() -> None:
     schema = PipelineParameters.model_json_schema()
     assert schema["additionalProperties"] is False
-    steps = schema["properties"]["max_steps"]["anyOf"][0]
-    assert steps["minimum"] == 1 and steps["type"] == "integer"
-    epochs = schema["properties"]["epochs"]["anyOf"][0]
-    assert epochs["exclusiveMinimum"] == 0 and epochs["type"] == "number"
-    assert schema["properties"]["gate_mode"]["anyOf"][0]["enum"] == ["enabled", "dry_run", "disabled"]
+    fields = schema["properties"]
+    assert not [name for name, field in fields.items() if "anyOf" in field], "no null toggles in the form"
+    assert fields["max_steps"]["minimum"] == 1 and fields["max_steps"]["type"] == "integer"
+    assert "default" not in fields["max_steps"], "an empty field is not sent: params.yaml applies"
+    assert fields["epochs"]["exclusiveMinimum"] == 0 and fields["epochs"]["type"] == "number"
+    assert fields["gate_mode"]["enum"] == ["enabled", "dry_run", "disabled"]
+    assert fields["tasks"]["type"] == "array" and fields["tasks"]["minItems"] == 1
+    # unset fields never reach a run's parameters (the form pre-fills from this default)
+    assert PipelineParameters().model_dump(mode="json") == {"update_checkout": False, "overrides": {}}
+    assert PipelineParameters(max_steps=5).model_dump(mode="json")["max_steps"] == 5
+
+
+def test_the_form_shows_the_values_params_yaml_gives(settings) -> None:
+    with showing_current_values(PipelineParameters.current_values(settings)):
+        fields = PipelineParameters.model_json_schema()["properties"]
+    assert fields["max_steps"]["description"].endswith(f"(params.yaml: {settings.train.max_steps})")
+    assert fields["gate_mode"]["description"].endswith("(params.yaml: enabled)")
+    assert "params.yaml" not in PipelineParameters.model_json_schema()["properties"]["max_steps"]["description"]
 
 
 def test_orchestration_settings_validate() -> None:

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from flows import pipeline, report
+from flows.parameters import PROJECT_ENV
 from gist_core import stages
 from gist_core.config import settings_from_dict, with_overrides
 from gist_core.gate import GateDecision, RuleOutcome
@@ -128,15 +129,16 @@ def test_a_failure_after_the_gate_rolls_the_promotion_back(settings, prefect_har
     ]
 
 
-def test_bad_parameters_fail_the_run_before_any_work(prefect_harness) -> None:
-    state = pipeline.gist_pipeline(root=str(REPO), params={"data_sources": ["MEDI"]}, return_state=True)
+def test_bad_parameters_fail_the_run_before_any_work(prefect_harness, monkeypatch) -> None:
+    monkeypatch.setenv(PROJECT_ENV, str(REPO))
+    state = pipeline.gist_pipeline(params={"data_sources": ["MEDI"]}, return_state=True)
     assert state.is_failed()
     assert state.message.startswith("stage preflight failed: ConfigError: data_sources: unknown ['MEDI']")
-    state = pipeline.gist_pipeline(root=str(REPO), params={"max_steps": 0}, return_state=True)
+    state = pipeline.gist_pipeline(params={"max_steps": 0}, return_state=True)
     assert state.is_failed() and "params.max_steps" in state.message and "greater than or equal to 1" in state.message
-    state = pipeline.gist_pipeline(root=str(REPO), params={"epochs": -1}, return_state=True)
+    state = pipeline.gist_pipeline(params={"epochs": -1}, return_state=True)
     assert state.is_failed() and "params.epochs" in state.message and "greater than 0" in state.message
-    state = pipeline.gist_pipeline(root=str(REPO), params={"max_steps": 3, "epochs": 1}, return_state=True)
+    state = pipeline.gist_pipeline(params={"max_steps": 3, "epochs": 1}, return_state=True)
     assert state.is_failed() and "not both" in state.message
 
 

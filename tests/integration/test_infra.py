@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from flows.deployments import ON_DEMAND, SCHEDULED
 from gist_core.config import OrchestrationSettings, load_settings
+from tests.support import services
 from tests.support.projects import REPO
 
 INFRA = REPO / "infra"
@@ -53,16 +55,20 @@ def test_prefect_yaml_is_valid_and_matches_the_code() -> None:
         gpu = name.endswith("-gpu")
         # the local scheduled retrain pulls the latest commit first; the GPU image is the project as built
         pulls = {"params": {"update_checkout": True}} if scheduled and not gpu else {}
-        assert deployment.parameters == {"root": ".", **pulls}
+        assert (deployment.parameters or {}) == pulls, "the project is the pull step's folder, not a parameter"
         assert [s.cron for s in deployment.schedules or []] == ([cron] if scheduled else [])
         assert deployment.work_pool.name == ("gist-gpu" if gpu else "gist-local")
         raw_deployment = next(d for d in raw["deployments"] if d["name"] == name)
-        # local deployments run in the checkout: no image build; GPU ones use the built image
-        assert ("build" in raw_deployment and raw_deployment["build"] is None) is not gpu
+        # local deployments run in the checkout: no image build; GPU ones build and use the image
+        assert bool(raw_deployment.get("build")) is gpu and bool(raw_deployment.get("push")) is gpu
+        (pull,) = raw_deployment["pull"]
+        directory = pull["prefect.deployments.steps.set_working_directory"]["directory"]
+        assert directory == ("/opt/gist" if gpu else "{{ $GIST_PROJECT_DIR }}")
         if gpu:
             assert deployment.work_pool.job_variables["image"] == "{{ build-image.image }}"
-    build = model.build[0]["prefect_docker.deployments.steps.build_docker_image"]
-    assert (REPO / build["dockerfile"]).is_file()
+            build = raw_deployment["build"][0]["prefect_docker.deployments.steps.build_docker_image"]
+            assert (REPO / build["dockerfile"]).is_file()
+    assert not (model.build or model.push or model.pull), "no top-level steps: each deployment says its own"
 
 
 def test_kubernetes_template_requests_gpus_and_defines_its_placeholders() -> None:
@@ -86,18 +92,19 @@ def _env_references(text: str) -> set[str]:
 def test_compose_keeps_secrets_in_env_vars_and_validates() -> None:
     text = (INFRA / "compose.yaml").read_text()
     compose = yaml.safe_load(text)
-    assert {"postgres", "minio", "minio-buckets", "prefect-server", "mlflow", "gpu-worker"} <= set(compose["services"])
+    assert {"postgres", "s3", "s3-buckets", "prefect-server", "mlflow", "worker"} <= set(compose["services"])
     example = dict(line.split("=", 1) for line in (INFRA / ".env.example").read_text().splitlines() if "=" in line)
     referenced = _env_references(text)
-    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"} <= referenced
-    assert referenced - {"GIST_WORK_POOL", "PREFECT_UI_API_URL"} <= set(example), "every variable is documented"
+    assert {"POSTGRES_PASSWORD", "S3_SECRET_ACCESS_KEY"} <= referenced
+    documented = set(example) | {"GIST_WORK_POOL", "PREFECT_UI_API_URL"}
+    assert referenced <= documented, "every variable is documented"
     for service in compose["services"].values():
         env = service.get("environment") or {}
         for key, value in env.items():
             if re.search(r"PASSWORD|SECRET|ACCESS_KEY", key) or "@" in str(value):
                 assert "${" in str(value), f"{key} must come from an environment variable"
     assert not (INFRA / ".env").exists(), "infra/.env holds real secrets: never in the repository"
-    gpu = compose["services"]["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    gpu = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and gpu["driver"] == "nvidia"
     prefect_image = compose["services"]["prefect-server"]["image"]
     assert _pins()["prefect"] == Version(prefect_image.split(":")[1].split("-")[0]), "server and client versions"
@@ -162,6 +169,29 @@ def test_image_dependencies_match_pyproject() -> None:
     assert "gist models provision" in dockerfile, "default models are baked in, not fetched at run time"
     mlflow_image = (INFRA / "mlflow.Dockerfile").read_text()
     assert f"mlflow:v{pins['mlflow']}" in mlflow_image, "tracking server and client on the same MLflow"
+
+
+def test_compose_describes_what_the_shared_services_test_runs() -> None:
+    """Service names, buckets, server flags, the worker's command and environment: compose and the test agree."""
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
+    example = dict(line.split("=", 1) for line in (INFRA / ".env.example").read_text().splitlines() if "=" in line)
+    assert (example["MLFLOW_BUCKET"], example["DVC_BUCKET"]) == (services.MLFLOW_BUCKET, services.DVC_BUCKET)
+    mlflow = compose["mlflow"]["command"]
+    assert any(a.startswith("--backend-store-uri=postgresql+psycopg2://") for a in mlflow)
+    assert "--artifacts-destination=s3://${MLFLOW_BUCKET:-gist-mlflow}/artifacts" in mlflow and "--workers=1" in mlflow
+    assert compose["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert compose["prefect-server"]["environment"]["PREFECT_UI_API_URL"] == "${PREFECT_UI_API_URL:-/api}"
+    assert "postgresql+asyncpg://" in compose["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    worker = compose["worker"]
+    pool = services.POOL
+    assert worker["command"] == ["prefect", "worker", "start", "--pool", f"${{GIST_WORK_POOL:-{pool}}}"]
+    client_env = services.SharedServices(Path("/nonexistent")).client_env()
+    shared = {k for k in client_env if k.startswith(("PREFECT_API", "MLFLOW_", "AWS_"))}
+    assert shared <= set(worker["environment"]) | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+    assert "GIST_PROJECT_DIR" in worker["environment"]
+    readme = (INFRA / "README.md").read_text()
+    for needle in (f"prefect worker start --pool {pool}", "GIST_PROJECT_DIR", "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"):
+        assert needle in readme, needle
 
 
 @pytest.mark.parametrize("name", ["README.md"])

@@ -1,23 +1,28 @@
-"""UI-triggered runs against a real Prefect server: `prefect server start`, `gist serve`, run_deployment.
+"""UI-triggered runs against the Prefect server `gist serve --port N` starts, and the UI a person opens there.
 
 What the UI's Run button does: create a flow run from the served `gist-pipeline/on-demand`
 deployment with custom parameters, then wait for it. A tiny real project (git + DVC, MiniLM as
-student and guide, two steps, STSBenchmark only); MLflow on SQLite.
+student and guide, two steps, STSBenchmark only); MLflow on SQLite. The UI at port N must call the
+API at port N, and its run form must read as a form; where Chromium and playwright are installed
+the page is loaded in a real headless browser.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from flows.deployments import FLOW_NAME, ON_DEMAND, SCHEDULED, start_local_server, stop_process_group
+from flows.deployments import FLOW_NAME, ON_DEMAND, SCHEDULED, stop_process_group, wait_healthy
 from flows.report import REPORT_KEY, RULES_KEY, SCORES_KEY
 from gist_core.config import load_settings
 from gist_core.registry.client import client as mlflow_client
@@ -44,7 +49,7 @@ def _env(tmp: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
-    """A Prefect server and `gist serve` for a tiny project; both process groups stopped on exit."""
+    """`gist serve --port N` for a tiny project, starting its own Prefect server; everything stopped on exit."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     tmp = tmp_path_factory.mktemp("deploy")
@@ -52,31 +57,35 @@ def served(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     params["train"]["guide_cache"] = False  # the guide-cache DVC stage is covered by the e2e test
     project = make_project(tmp / "proj", params)
     env = _env(tmp)
-    server = start_local_server(_free_port(), env=env, log_file=tmp / "server.log")
+    port = _free_port()
     serve_log = (tmp / "serve.log").open("wb")
-    serving = None
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "flows", "serve", "--root", str(project), "--port", str(port)],
+        cwd=project,
+        env=env,
+        stdout=serve_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    api_url = f"http://127.0.0.1:{port}/api"
     try:
-        serving = subprocess.Popen(
-            [sys.executable, "-m", "flows", "serve", "--root", str(project)],
-            cwd=project,
-            env={**env, "PREFECT_API_URL": server.api_url},
-            stdout=serve_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield project, server, serving, tmp
+        wait_healthy(api_url, timeout=180, process=serving)
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield project, api_url, serving, tmp
     finally:
-        if serving is not None:
-            stop_process_group(serving)
-        server.stop()
+        children = psutil.Process(serving.pid).children(recursive=True) if serving.poll() is None else []
+        stop_process_group(serving)
+        for child in children:  # the server `gist serve` started runs in a process group of its own
+            with suppress(psutil.NoSuchProcess):
+                child.terminate()
+        psutil.wait_procs(children, timeout=20)
         serve_log.close()
 
 
 def _logs(tmp: Path) -> str:
     return "\n".join(
         f"--- {name}\n" + (tmp / name).read_text(errors="replace")[-4000:]
-        for name in ("serve.log", "server.log")
+        for name in ("serve.log",)
         if (tmp / name).is_file()
     )
 
@@ -102,14 +111,14 @@ def test_ui_run_completes_with_artifacts_and_a_registered_version(served) -> Non
     from prefect.deployments import run_deployment
     from prefect.exceptions import PrefectHTTPStatusError
 
-    project, server, serving, tmp = served
+    project, api_url, serving, tmp = served
     with get_client(sync_client=True) as client:
         deployments = _wait_for_deployments(client, serving, tmp)
         scheduled = deployments[SCHEDULED]
         assert [s.schedule.cron for s in scheduled.schedules] == ["0 3 * * 1"]
-        assert deployments[ON_DEMAND].parameters == {"root": str(project.resolve())}
+        assert deployments[ON_DEMAND].parameters == {}, "the served project is not a parameter"
         # the project has no upstream branch to pull: its scheduled retrain runs on the checkout as it is
-        assert scheduled.parameters == {"root": str(project.resolve()), "params": {"update_checkout": False}}
+        assert scheduled.parameters == {"params": {"update_checkout": False}}
         assert deployments[ON_DEMAND].enforce_parameter_schema
 
         # An invalid run is refused when it is created: nothing is queued, nothing runs.
@@ -143,7 +152,7 @@ def test_ui_run_completes_with_artifacts_and_a_registered_version(served) -> Non
 
         # the sync client's read_artifacts sends nulls this server version refuses: ask the API directly
         response = httpx.post(
-            f"{server.api_url}/artifacts/filter",
+            f"{api_url}/artifacts/filter",
             json={"artifacts": {"flow_run_id": {"any_": [str(flow_run.id)]}}, "limit": 50},
             timeout=30,
         )
@@ -161,3 +170,62 @@ def test_ui_run_completes_with_artifacts_and_a_registered_version(served) -> Non
     run = mlc.get_run(champion.run_id)
     assert run.data.params["train.max_steps"] == "2", "the UI's parameters reached training"
     assert run.info.status == "FINISHED"
+
+
+def _form_schema(deployment) -> dict:
+    """The run form's fields: the PipelineParameters definition of the deployment's parameter schema."""
+    schema = deployment.parameter_openapi_schema
+    assert set(schema["properties"]) == {"params"}, "the project folder is not a field of the form"
+    definitions = schema.get("definitions") or schema.get("$defs") or {}
+    return definitions["PipelineParameters"]
+
+
+def test_the_served_ui_calls_its_own_api_and_the_run_form_reads_as_a_form(served) -> None:
+    from prefect.client.orchestration import get_client
+
+    project, api_url, serving, tmp = served
+    settings = httpx.get(api_url.removesuffix("/api") + "/ui-settings", timeout=30).json()
+    assert settings["api_url"] == "/api", "the UI calls the API beside it, on the port it was opened on"
+    with get_client(sync_client=True) as client:
+        form = _form_schema(_wait_for_deployments(client, serving, tmp)[ON_DEMAND])
+    fields = form["properties"]
+    assert not [name for name, prop in fields.items() if "anyOf" in prop], "no `X | None` toggles"
+    assert fields["max_steps"] == {**fields["max_steps"], "type": "integer", "minimum": 1}
+    assert "default" not in fields["max_steps"], "left empty, params.yaml's value applies"
+    assert fields["max_steps"]["description"].endswith("(params.yaml: 3)"), "the current value is shown"
+    assert fields["gate_mode"]["enum"] == ["enabled", "dry_run", "disabled"]
+
+
+def _browser() -> str | None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return None
+    return chromium
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium (Debian package chromium) or no playwright here")
+def test_a_person_opening_the_ui_sees_the_deployment_and_its_form(served) -> None:
+    """The page as a person sees it, in headless Chromium: connected to the API, the form's fields plain."""
+    from playwright.sync_api import sync_playwright
+    from prefect.client.orchestration import get_client
+
+    project, api_url, serving, tmp = served
+    with get_client(sync_client=True) as client:
+        deployment = _wait_for_deployments(client, serving, tmp)[ON_DEMAND]
+    base = api_url.removesuffix("/api")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_browser(), headless=True, args=args)
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/deployments/deployment/{deployment.id}/run", wait_until="load")
+            page.get_by_text("Max Steps").first.wait_for(timeout=60_000)
+            text = page.inner_text("body")
+            page.screenshot(path=str(tmp / "run-form.png"), full_page=True)
+        finally:
+            browser.close()
+    assert "Can't connect" not in text and "Unable to connect" not in text, text[:500]
+    assert "Property is type None" not in text and "int | None" not in text, text[:2000]
+    assert "(params.yaml: 3)" in text, "the form says params.yaml's current values"

@@ -22,7 +22,7 @@ import yaml
 from gist_core import stages
 from gist_core.config import settings_from_dict
 from gist_core.errors import RegistryError
-from gist_core.registry import client, history, promotion, serving, tracking, versions
+from gist_core.registry import client, history, locks, promotion, serving, tracking, versions
 from gist_core.stages import EvalOutput
 from gist_core.versioning import DataVersion
 from tests.support.mlflow_store import MlflowServer, copy_db, free_port, migrated_sqlite_db, stop_process_group
@@ -60,7 +60,6 @@ def _fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # our own retries (registry.retry_*) are what is tested: no extra HTTP-level retries underneath
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # a loaded 2-core machine can be slow to answer
-    monkeypatch.setenv("GIST_REGISTRY_LOCK_DIR", str(tmp_path / "locks"))
 
 
 def make_settings(root: Path, uri: str, name: str):
@@ -188,11 +187,14 @@ def test_two_processes_racing_leave_one_champion(store, request, tmp_path: Path,
     script = tmp_path / "racer.py"
     script.write_text(RACER)
     go = tmp_path / "go"
-    env = dict(os.environ)
+    # Two "hosts": each its own temp folder; on a server one says localhost, the other 127.0.0.1.
+    uris = {"a": store.replace("127.0.0.1", "localhost"), "b": store}
     procs = {}
     for label, (version, score) in candidates.items():
         out = tmp_path / f"{label}.json"
-        args = [store, name, version.version, version.run_id, str(score), v1.version, str(go), str(out)]
+        env = dict(os.environ, TMPDIR=str(tmp_path / f"tmp-{label}"))
+        (tmp_path / f"tmp-{label}").mkdir()
+        args = [uris[label], name, version.version, version.run_id, str(score), v1.version, str(go), str(out)]
         procs[label] = subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=REPO, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"{label}.json.ready").exists() for label in procs):
@@ -218,8 +220,18 @@ def test_two_processes_racing_leave_one_champion(store, request, tmp_path: Path,
     events = history.champion_events(settings)
     assert events[0].version == v1.version and events[-1].version == a
     assert all(later.previous == earlier.version for earlier, later in zip(events, events[1:], strict=False))
-    aliases = {k: str(v) for k, v in client.client(settings).get_registered_model(name).aliases.items()}
+    mlc = client.client(settings)
+    aliases = {k: str(v) for k, v in mlc.get_registered_model(name).aliases.items()}
     assert aliases.get("champion") == a and b not in aliases.values(), (aliases, results)
+    # the one that waited decided again against the other's outcome, and its record says so
+    (waited,) = [r for r in results.values() if r["redecided"]]
+    other = next(r for r in results.values() if r is not waited)
+    run_id = candidates["a" if waited["version"] == a else "b"][0].run_id
+    decision = json.loads(Path(mlc.download_artifacts(run_id, "gate/decision.json", str(tmp_path))).read_text())
+    assert decision["redecided_after_champion_moved"] is True and "lost_race_to" not in decision
+    assert decision["champion_when_decided"] == v1.version
+    assert decision["champion_before"] == (other["version"] if other["passed"] else v1.version), decision
+    assert not [m.name for m in mlc.search_registered_models() if m.name.endswith(".promotion-lock")], "lock released"
     overlap = min(r["end"] for r in results.values()) - max(r["start"] for r in results.values())
     print(f"racers overlapped for {overlap:.3f} s; {results}")
 
@@ -295,3 +307,28 @@ def test_mlflow_models_serve_answers_for_the_champion(server, request, tmp_path:
     expected = serving.encode(server.uri, ["How do I reset my PIN?"], settings.registry.model_name)["embeddings"][0]
     assert vectors[0] == pytest.approx(expected, abs=1e-5)
     assert version.aliases == ("challenger", "champion")
+
+
+def test_a_server_lease_excludes_other_hosts_and_a_dead_holders_lease_is_broken(
+    server, request, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path, server.uri, model_name(request))
+    name = settings.registry.model_name
+    other_host = make_settings(tmp_path, server.uri.replace("127.0.0.1", "localhost"), name)
+    impatient = other_host.model_copy(
+        update={"registry": other_host.registry.model_copy(update={"lock_timeout_seconds": 0.5})}
+    )
+    with locks.promotion_lock(settings) as held:
+        assert held == f"{name}.promotion-lock on {server.uri}"
+        refused = pytest.raises(RegistryError, match=f"another promotion of '{name}' held the lock")
+        with refused, locks.promotion_lock(impatient):
+            pass
+    with locks.promotion_lock(impatient):  # released: the other host gets it at once
+        pass
+    # a holder that died: its lease has expired, so the next promotion breaks it instead of waiting
+    client.client(settings).create_registered_model(
+        name + locks.LOCK_SUFFIX, tags={locks.OWNER_TAG: "dead-host:1:x", locks.EXPIRES_TAG: f"{time.time() - 1:.3f}"}
+    )
+    with locks.promotion_lock(impatient):
+        pass
+    assert not client.client(settings).search_registered_models(f"name = '{name}{locks.LOCK_SUFFIX}'")

@@ -6,6 +6,7 @@ A tiny random model keeps each registration to a couple of seconds. The same flo
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from gist_core import stages
 from gist_core.config import GateSettings
 from gist_core.errors import RegistryError
 from gist_core.gate import Scorecard, decide
-from gist_core.registry import client, history, promotion, serving, tracking, versions
+from gist_core.registry import client, history, locks, promotion, serving, tracking, versions
 from gist_core.registry.history import ChampionEvent, champion_tenures, previous_champion
 from tests.support.mlflow_store import copy_db, migrated_sqlite_db
 from tests.support.registry import DATA, REVS, evaluation, make_settings, register
@@ -249,17 +250,18 @@ def test_fetch_champion_downloads_a_loadable_folder(settings, tiny_model_dir: Pa
 def test_lock_is_a_file_next_to_the_db_and_excludes_others(settings) -> None:
     import fcntl
 
-    path = promotion.lock_path(settings)
+    path = locks.lock_path(settings)
     assert path.parent == settings.path("store") and path.name == "mlflow.db.gist-test.lock"
+    assert fnmatch.fnmatch("/" + path.name, "/mlflow.db*"), "the .gitignore pattern of the default database covers it"
     quick = settings.model_copy(update={"registry": settings.registry.model_copy(update={"lock_timeout_seconds": 0.2})})
-    with promotion.promotion_lock(settings):
+    with locks.promotion_lock(settings):
         fd = os.open(path, os.O_RDWR)
         with pytest.raises(BlockingIOError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(fd)
-        with pytest.raises(RegistryError, match="another promotion"), promotion.promotion_lock(quick):
+        with pytest.raises(RegistryError, match="another promotion"), locks.promotion_lock(quick):
             pass
-    with promotion.promotion_lock(quick):
+    with locks.promotion_lock(quick):
         pass
 
 

@@ -55,7 +55,10 @@ def test_failed_stage_surfaces_dvc_message(project: Path) -> None:
     (project / "data/raw/classification/banking77/train.csv").unlink()
     with pytest.raises(VersioningError) as err:
         version_data(project, "data/prepared/triplets.parquet")
-    assert "dvc repro data" in str(err.value)
+    message = str(err.value)
+    assert message.startswith(f"`dvc repro data` failed in {project}: ") and "\n" not in message
+    assert "banking77/train.csv not found" in message, message
+    assert "failed to reproduce 'mine'" in message, "DVC's own line follows the stage's"
 
 
 def test_lock_md5_errors(tmp_path: Path) -> None:

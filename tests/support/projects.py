@@ -49,7 +49,9 @@ def make_project(path: Path, params: dict) -> Path:
     """A real git + DVC project holding the pipeline's dvc.yaml, data and params, with a local remote."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
-    shutil.copytree(REPO / "gist_core", path / "gist_core", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("gist_core", "flows"):  # the code the stages run and the flows a work pool loads
+        shutil.copytree(REPO / package, path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "infra", path / "infra")
     for sub in ("classification", "sts"):
         shutil.copytree(REPO / "data" / "raw" / sub, path / "data" / "raw" / sub)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -44,7 +44,6 @@ HEAVY_MODULES = {
     "gist_core.training.batching",  # sentence-transformers' samplers
     "gist_core.evaluation.encoding",  # mteb's encoder wrapper
     "flows.pipeline",  # Prefect
-    "flows.parameters",
     "flows.ablation",
     "flows.deployments",
 }
