@@ -18,7 +18,7 @@ import typer
 from flows.parameters import PROJECT_ENV, PipelineParameters
 from gist_core.ablation.plan import check as check_ablation
 from gist_core.cli import RootOpt, SetOpt, app, cli_settings, friendly, parse_overrides
-from gist_core.stages import preflight
+from gist_core.stages import UnchangedResult, preflight
 
 __all__ = ["app"]
 
@@ -36,6 +36,9 @@ def pipeline(root: RootOpt = Path("."), overrides: SetOpt = None) -> None:
     result = gist_pipeline(params=PipelineParameters(overrides=parsed))
     typer.echo("")
     typer.echo("== GIST pipeline finished ==")
+    if isinstance(result, UnchangedResult):
+        typer.echo(result.headline())
+        return
     for task, score in result.evaluation.candidate.items():
         base = result.evaluation.baseline[task]
         typer.echo(f"  {task:<28} candidate {score:.4f}  base {base:.4f}  delta {score - base:+.4f}")

@@ -4,9 +4,12 @@ Tasks are thin wrappers over ``gist_core.stages``; they pass paths, ids and hash
 With PREFECT_API_URL unset the flow runs on a temporary in-process server; with it set, runs show
 up in that server's UI. ``flows/deployments.py`` serves the flow for UI-triggered and scheduled runs.
 
-A run ends in one of three clear states:
+A run ends in one of four clear states:
 - Completed, message "gate passed ..." (the candidate was promoted, or recorded in dry-run mode);
 - Completed named "Blocked", message "gate blocked: <reasons>" (registered, champion unchanged);
+- Completed named "Unchanged", message "unchanged: same model as version N ..." (the candidate's
+  weights hash is a registered version's: nothing evaluated or registered, the gate not asked;
+  what a rerun with nothing changed ends in, since training then returns the kept model);
 - Failed, message "stage <name> failed: <error>" (``preflight`` for bad parameters or inputs).
 """
 
@@ -27,10 +30,11 @@ from gist_core.config import Settings, load_settings, with_overrides
 from gist_core.errors import RegistryError, VersioningError
 from gist_core.gate import GateDecision
 from gist_core.registry import promotion, tracking, versions
-from gist_core.registry.versions import RegisteredVersion
+from gist_core.registry.versions import RegisteredVersion, VersionRecord
 from gist_core.versioning import DataVersion
 
 BLOCKED_STATE = "Blocked"
+UNCHANGED_STATE = "Unchanged"
 
 
 # DVC commands that talk to the remote; a failing `dvc repro` is the data or the code, never transient.
@@ -93,10 +97,28 @@ def fine_tune(settings: Settings, data: DataVersion, run_id: str, overrides: dic
         result = launch.run_torchrun(settings, run_id, overrides)
     else:
         result = stages.run_train(settings, data, run_id).to_dict()
-    get_run_logger().info(
-        "trained %d steps, final loss %.4f, %.0f s", result["steps"], result["train_loss"], result["seconds"]
-    )
+    if result.get("reused"):
+        get_run_logger().info(
+            "reused the model trained with key %s (%d steps, final loss %.4f; trained in %.0f s): nothing trained",
+            result["key"],
+            result["steps"],
+            result["train_loss"],
+            result["seconds"],
+        )
+    else:
+        get_run_logger().info(
+            "trained %d steps, final loss %.4f, %.0f s", result["steps"], result["train_loss"], result["seconds"]
+        )
     return result
+
+
+@task(name="2-check-unchanged", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+def check_unchanged(settings: Settings, candidate_dir: str) -> VersionRecord | None:
+    """The registered version with the candidate's weights hash, if any (then nothing else runs)."""
+    found = stages.unchanged_version(settings, Path(candidate_dir))
+    if found is not None:
+        get_run_logger().info(stages.unchanged_text(found))
+    return found
 
 
 @task(name="3-fetch-champion", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
@@ -189,15 +211,17 @@ def register_and_publish(
     return version, decision
 
 
-def final_state(result: stages.PipelineResult) -> State:
-    """Completed (gate passed or promoted without checks) or Completed named Blocked, with the headline."""
+def final_state(result: stages.PipelineResult | stages.UnchangedResult) -> State:
+    """Completed (gate passed or promoted without checks), Completed named Blocked or Unchanged, with the headline."""
+    if isinstance(result, stages.UnchangedResult):
+        return Completed(name=UNCHANGED_STATE, message=result.headline(), data=result)
     if result.decision.passed:
         return Completed(message=result.headline(), data=result)
     return Completed(name=BLOCKED_STATE, message=result.headline(), data=result)
 
 
 @flow(name="gist-pipeline")
-def gist_pipeline(params: PipelineParameters = PipelineParameters()) -> stages.PipelineResult:
+def gist_pipeline(params: PipelineParameters = PipelineParameters()) -> stages.PipelineResult | stages.UnchangedResult:
     """Run the four stages on the served project (``$GIST_PROJECT_DIR``, else the working directory).
 
     ``params`` override params.yaml for this run.
@@ -222,13 +246,25 @@ def gist_pipeline(params: PipelineParameters = PipelineParameters()) -> stages.P
         with tracking.failing_run_marks_failed(settings, run_id):
             stage = "2-fine-tune"
             trained = fine_tune(settings, data, run_id, overrides)
-            stage = "3-evaluate"
-            evaluation = evaluate_stage(settings, trained["output_dir"], run_id)
-            stage = "4-register-and-gate"
-            version, decision = register_and_publish(settings, run_id, trained["output_dir"], evaluation, data)
+            same = check_unchanged(settings, trained["output_dir"])
+            if same is None:
+                stage = "3-evaluate"
+                evaluation = evaluate_stage(settings, trained["output_dir"], run_id)
+                stage = "4-register-and-gate"
+                try:
+                    version, decision = register_and_publish(settings, run_id, trained["output_dir"], evaluation, data)
+                except stages.UnchangedModelError as err:  # registered by a concurrent run meanwhile
+                    same = err.record
+            if same is not None:
+                unchanged = stages.UnchangedResult(data, run_id, trained, same)
+                tracking.set_tags(settings, run_id, {"outcome": "unchanged", "same_as_version": same.version})
+                report.publish_unchanged(settings, unchanged)
     except Exception as err:  # noqa: BLE001 - the run's state names the stage; callers get the error back
         logger.error("stage %s failed: %s: %s", stage, type(err).__name__, err)
         return Failed(message=f"stage {stage} failed: {type(err).__name__}: {err}", data=err)
+    if same is not None:
+        logger.info(unchanged.headline())
+        return final_state(unchanged)
     result = stages.PipelineResult(data, run_id, trained, evaluation, decision, version)
     logger.info(result.headline())
     return final_state(result)

@@ -16,7 +16,7 @@ from gist_core.gate import GateDecision
 from gist_core.registry import client, tracking
 from gist_core.registry.client import is_server
 from gist_core.registry.versions import RegisteredVersion
-from gist_core.stages import EvalOutput
+from gist_core.stages import EvalOutput, UnchangedResult
 from gist_core.tables import markdown_table
 from gist_core.versioning import DataVersion
 
@@ -138,3 +138,33 @@ def publish(
         text = "MLflow run" if key == RUN_LINK_KEY else f"{version.name} version {version.version}"
         create_link_artifact(key=key, link=link, link_text=text)
     return links
+
+
+def unchanged_markdown(settings: Settings, result: UnchangedResult) -> str:
+    """What the UI shows for a run whose candidate is an already registered model."""
+    record = result.version
+    return "\n".join(
+        [
+            f"# {result.headline().splitlines()[0]}",
+            "",
+            f"The candidate's weights hash (`{record.fingerprint}`) is that of "
+            f"`models:/{record.name}/{record.version}`: no version was created and the promotion gate was not asked.",
+            "",
+            "## Lineage",
+            "",
+            f"- Same model as: version {record.version}, registered by run `{record.run_id}`, "
+            f"aliases: {', '.join(record.aliases) or 'none'}",
+            f"- This run: `{result.run_id}` in `{settings.tracking_uri}`; training "
+            + ("reused the kept model" if result.train.get("reused") else "ran and produced the same weights")
+            + f" (training key `{result.train.get('key') or 'unknown'}`)",
+            f"- Data version: `{result.data_version.md5}` (`{result.data_version.path}`)",
+        ]
+    )
+
+
+def publish_unchanged(settings: Settings, result: UnchangedResult) -> None:
+    create_markdown_artifact(
+        key=REPORT_KEY,
+        markdown=unchanged_markdown(settings, result),
+        description="Unchanged: the candidate is a registered version's model",
+    )

@@ -24,7 +24,7 @@ from gist_core import stages
 from gist_core.config import PARAMS_FILE, Settings, load_settings, with_overrides
 from gist_core.errors import ConfigError, GistError, ModelError
 from gist_core.models import PACKAGED_MODELS, provision
-from gist_core.registry import history, promotion, serving, tracking
+from gist_core.registry import card, history, promotion, publishing, serving, tracking
 from gist_core.training.runtime import is_main_process
 from gist_core.versioning import DATA_STAGE, DataVersion, lock_md5
 
@@ -186,8 +186,12 @@ def evaluate(
 @app.command()
 @friendly
 def register(root: RootOpt = Path("."), overrides: SetOpt = None, run_id: RunOpt = None) -> None:
-    """Register the evaluated candidate and apply the promotion gate."""
+    """Register the evaluated candidate and apply the promotion gate (nothing when its weights are registered)."""
     settings = cli_settings(root, overrides)
+    same = stages.unchanged_version(settings, settings.path(settings.train.output_dir))
+    if same is not None:
+        typer.echo(f"{stages.unchanged_text(same)}; nothing registered")
+        return
     evaluation = stages.EvalOutput.read(settings.path(settings.evaluate.output))
     data = DataVersion(
         DATA_STAGE, settings.data.output, lock_md5(settings.root, DATA_STAGE, settings.data.output), None
@@ -282,3 +286,49 @@ def registry_rollback(
     """Point champion back at the previous champion (recorded like any other decision)."""
     event = promotion.rollback(_registry_store(root, tracking_uri), name, reason)
     typer.echo(f"{name}: champion rolled back from version {event.previous} to {event.version} ({event.time})")
+
+
+@registry_app.command("cleanup-pending")
+@friendly
+def registry_cleanup_pending(
+    name: NameArg,
+    root: RootOpt = Path("."),
+    tracking_uri: TrackingOpt = None,
+    min_age_minutes: Annotated[
+        float, typer.Option(help="leave versions younger than this alone (a registration may still be running)")
+    ] = 60.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report what would be done, change nothing")] = False,
+) -> None:
+    """Remove versions a crash left gist.promotion=pending (a pending champion is kept, tagged incomplete)."""
+    result = promotion.cleanup_pending(_registry_store(root, tracking_uri), name, min_age_minutes * 60, dry_run)
+    prefix = "would do: " if dry_run else ""
+    for line in result.lines():
+        typer.echo(prefix + line)
+
+
+@registry_app.command("card")
+@friendly
+def registry_card(
+    name: NameArg,
+    root: RootOpt = Path("."),
+    tracking_uri: TrackingOpt = None,
+    version: Annotated[str, typer.Option(help="version number or alias")] = "champion",
+) -> None:
+    """Print a version's model card (README.md of its logged model)."""
+    store = _registry_store(root, tracking_uri)
+    typer.echo(card.read_card(store, serving.version_number(store, version, name), name))
+
+
+@registry_app.command("publish")
+@friendly
+def registry_publish(
+    name: NameArg,
+    repo_id: Annotated[str, typer.Argument(help="Hugging Face Hub model repository, e.g. my-org/gist-small")],
+    root: RootOpt = Path("."),
+    tracking_uri: TrackingOpt = None,
+    version: Annotated[str, typer.Option(help="version number or alias")] = "champion",
+    private: Annotated[bool, typer.Option(help="create the repository as private")] = True,
+) -> None:
+    """Push a version (default: the champion) with its model card to the Hugging Face Hub (needs HF_TOKEN)."""
+    url = publishing.publish(_registry_store(root, tracking_uri), repo_id, version, name, private=private)
+    typer.echo(f"published {name} {version} to {url}")

@@ -177,6 +177,12 @@ class TrainSettings(_Section):
     mini_batch_size: int | None = Field(None, ge=1, description="GradCache mini-batch (None: no GradCache)")
     save_steps: int | None = Field(10, ge=1, description="checkpoint every N steps for resuming (None: never)")
     checkpoints_dir: str = "outputs/checkpoints"
+    cached_models: int = Field(
+        2,
+        ge=0,
+        description="finished models kept in checkpoints_dir/<training key>/model and reused by a run with the "
+        "same key instead of training again (most recently used first; 0: never reuse)",
+    )
 
     @model_validator(mode="after")
     def _one_training_length(self) -> TrainSettings:
@@ -317,7 +323,10 @@ class GateSettings(_Section):
     baseline: Literal["champion", "base"] = Field(
         "champion", description="champion: the current champion when there is one, else the base student"
     )
-    min_mean_delta: float = Field(0.0, description="the mean of per-task deltas must be at least this")
+    min_mean_delta: float = Field(
+        0.001,
+        description="the mean of per-task deltas must be at least this; positive, so a tie (no change) blocks",
+    )
     min_category_delta: dict[str, float] = Field(
         default_factory=dict, description="per MTEB task type (STS, Classification, ...): minimum mean delta"
     )

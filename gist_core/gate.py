@@ -8,17 +8,22 @@ there is one and ``gate.baseline`` is ``champion``, else the base student scored
 Rules, in the order they are reported:
 
 - ``required_tasks``: every ``gate.required_tasks`` entry is scored (and did not fail) for both;
-- ``complete``: the candidate is scored on every task the baseline has, and none failed;
-- ``comparable``: the candidate was evaluated with the same mteb version and task revisions as the
-  baseline (only checked when the candidate's are known; a baseline whose are unknown fails);
-- ``min_mean_delta``: the mean of the per-task deltas is at least the threshold;
+- ``complete``: the candidate is scored on every task the baseline has, none failed, and the two
+  have at least one task in common (a baseline with no comparable score never lets a candidate through);
+- ``comparable``: the candidate was evaluated with the same mteb version, task revisions and
+  evaluation settings (precision, ``evaluate.max_seq_length``, the sentence-transformers /
+  transformers / torch versions: ``EVAL_SETTING_KEYS``) as the baseline (only checked when the
+  candidate's are known; a baseline whose are unknown fails);
+- ``min_mean_delta``: the mean of the per-task deltas is at least the threshold (a small positive
+  default, so a tie, every task scoring the same as the baseline, blocks; the decision says "tie");
 - ``min_category_delta[<category>]``: per MTEB task type (STS, Classification, ...), the mean delta
   of that category's tasks is at least its threshold; a category with no scored task is skipped
   (completeness is what ``required_tasks`` is for);
 - ``max_task_regression``: no task drops by more than the threshold.
 
-Comparisons allow ``EPSILON`` so a delta equal to a threshold (a tie) passes: mteb stores scores
-to 6 decimals, and ``0.83 - 0.82`` is not exactly ``0.01`` in floating point.
+Comparisons allow ``EPSILON`` so a delta equal to a threshold passes: mteb stores scores to 6
+decimals, and ``0.83 - 0.82`` is not exactly ``0.01`` in floating point. A candidate whose every
+score equals the baseline's (within ``TIE_TOLERANCE``, half mteb's last stored decimal) is a *tie*.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from gist_core.config import GateMode, GateSettings
 from gist_core.tables import markdown_table
 
 EPSILON = 1e-9
+TIE_TOLERANCE = 5e-7  # mteb stores scores to 6 decimals: closer than this is the same score
+# What an evaluation was computed with, besides task revisions and the mteb version (``Scorecard.eval_settings``).
+EVAL_SETTING_KEYS = ("precision", "max_seq_length", "libraries")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class Scorecard:
     ``task_revisions`` / ``mteb_version`` are None when not known (e.g. a champion registered
     before they were recorded). ``failed_tasks`` are tasks that were meant to be scored but were
     not. ``version`` is the registry version when the scorecard is a registered model's.
+    ``eval_settings`` holds ``EVAL_SETTING_KEYS`` as strings (e.g. ``{"precision": "float32",
+    "max_seq_length": "model", "libraries": "sentence-transformers==6.2.0 ..."}``); None: unknown.
     """
 
     label: str
@@ -49,6 +59,7 @@ class Scorecard:
     mteb_version: str | None = None
     failed_tasks: tuple[str, ...] = ()
     version: str | None = None
+    eval_settings: Mapping[str, str] | None = None
 
     @property
     def name(self) -> str:
@@ -112,11 +123,18 @@ class GateDecision:
     def reasons(self) -> list[str]:
         return [r.detail for r in self.rules if not r.passed]
 
+    @property
+    def tie(self) -> bool:
+        """Every task the two share scores the same for the candidate and the baseline."""
+        return is_tie(self.deltas)
+
     def summary(self) -> str:
         if self.mode == "disabled":
             return "gate disabled: promoted without checks"
         head = f"gate {self.verdict} (mode {self.mode}, baseline {self.baseline_label})"
-        return head if self.passed else f"{head}: " + "; ".join(self.reasons)
+        if not self.passed:
+            return f"{head}: " + "; ".join(self.reasons)
+        return f"{head}; {tie_text(self.baseline_label)}" if self.tie else head
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -159,6 +177,15 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 
 def _compact(thresholds: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in thresholds.items())
+
+
+def is_tie(deltas: Mapping[str, float]) -> bool:
+    """True when there are deltas and every one is zero at mteb's precision."""
+    return bool(deltas) and all(abs(d) < TIE_TOLERANCE for d in deltas.values())
+
+
+def tie_text(baseline: str) -> str:
+    return f"tie: every task scores the same as {baseline}"
 
 
 def thresholds(policy: GateSettings) -> dict[str, Any]:
@@ -218,17 +245,20 @@ def decide(
 
     rules = [
         _required_rule(policy, cand, base),
-        _complete_rule(cand, base),
+        _complete_rule(cand, base, common),
     ]
-    if cand.task_revisions is not None or cand.mteb_version is not None:
+    if cand.task_revisions is not None or cand.mteb_version is not None or cand.eval_settings is not None:
         rules.append(_comparable_rule(cand, base, common))
     if deltas:
         mean_delta = fmean(deltas.values())
+        detail = f"mean delta {mean_delta:+.4f} vs minimum {policy.min_mean_delta:+.4f}"
+        if is_tie(deltas):
+            detail = f"{tie_text(base.name)} ({detail})"
         rules.append(
             RuleOutcome(
                 "min_mean_delta",
                 _at_least(mean_delta, policy.min_mean_delta),
-                f"mean delta {mean_delta:+.4f} vs minimum {policy.min_mean_delta:+.4f}",
+                detail,
                 mean_delta,
                 policy.min_mean_delta,
             )
@@ -263,9 +293,14 @@ def _required_rule(policy: GateSettings, cand: Scorecard, base: Scorecard) -> Ru
     return RuleOutcome("required_tasks", True, "all required tasks scored")
 
 
-def _complete_rule(cand: Scorecard, base: Scorecard) -> RuleOutcome:
+def _complete_rule(cand: Scorecard, base: Scorecard, common: list[str]) -> RuleOutcome:
     if not cand.scored():
         return RuleOutcome("complete", False, "no task scored for the candidate")
+    if not common:
+        held = sorted(base.scored())
+        return RuleOutcome(
+            "complete", False, f"no task in common with {base.name} (its scored tasks: {held or 'none'})"
+        )
     problems = []
     if cand.failed_tasks:
         problems.append(f"tasks failed or not scored for the candidate: {sorted(cand.failed_tasks)}")
@@ -292,9 +327,19 @@ def _comparable_rule(cand: Scorecard, base: Scorecard, common: list[str]) -> Rul
         ]
         if differ:
             problems.append("task revisions differ: " + ", ".join(differ))
+    if cand.eval_settings is not None:
+        if base.eval_settings is None:
+            problems.append(f"evaluation settings ({', '.join(EVAL_SETTING_KEYS)}) unknown for {base.name}")
+        else:
+            problems += [
+                f"{key} {cand.eval_settings.get(key)} vs {base.eval_settings.get(key, 'unknown')}"
+                for key in EVAL_SETTING_KEYS
+                if cand.eval_settings.get(key) != base.eval_settings.get(key)
+            ]
     if problems:
         return RuleOutcome("comparable", False, "not comparable with the baseline: " + "; ".join(problems))
-    return RuleOutcome("comparable", True, f"same mteb version and task revisions as {base.name}")
+    checked = "mteb version, task revisions" + (" and evaluation settings" if cand.eval_settings is not None else "")
+    return RuleOutcome("comparable", True, f"same {checked} as {base.name}")
 
 
 def _category_rules(policy: GateSettings, deltas: dict[str, float], categories: dict[str, str]) -> list[RuleOutcome]:

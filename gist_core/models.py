@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -32,8 +34,13 @@ log = logging.getLogger(__name__)
 # Files that ship inside some packaged archives but are not part of a model.
 JUNK_NAMES = frozenset({"desktop.ini", "Thumbs.db", ".DS_Store"})
 JUNK_DIRS = frozenset({"__MACOSX"})
-# Files that describe a model folder but do not change what it computes (excluded from fingerprints).
-NON_WEIGHT_FILES = frozenset({"README.md", "PROVENANCE.json"})
+# Files that describe a model folder but do not change what it computes (excluded from fingerprints):
+# model cards, provenance, and the training summary the trainer writes beside the weights (it holds
+# timings, so two runs that produce the same weights would otherwise differ).
+NON_WEIGHT_FILES = frozenset({"README.md", "PROVENANCE.json", "train_metrics.json"})
+# The libraries whose code turns weights into embeddings and gradients: part of the training and
+# evaluation cache keys (``runtime_libraries``).
+RUNTIME_LIBRARIES = ("sentence-transformers", "transformers", "torch")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -253,6 +260,21 @@ def model_fingerprint(model: ModelRef) -> str:
     except Exception as err:  # noqa: BLE001 - any lookup failure: fall back to the id
         log.warning("%s: no local snapshot to fingerprint (%s); identified by its id only", model.location, err)
         return "hub-" + model.location.replace("/", "__")
+
+
+def runtime_libraries() -> str:
+    """The installed versions of ``RUNTIME_LIBRARIES``, e.g. ``sentence-transformers==6.2.0 ... torch==2.13.0+cpu``.
+
+    Read from the package metadata (no import). A score or a trained model computed under other
+    versions may differ, so caches fold this string into their keys.
+    """
+    parts = []
+    for dist in RUNTIME_LIBRARIES:
+        try:
+            parts.append(f"{dist}=={package_version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist}==none")
+    return " ".join(parts)
 
 
 def load_sentence_transformer(

@@ -17,18 +17,26 @@ from gist_core.catalogue import HUB_PREFIX
 from gist_core.config import Settings
 from gist_core.data.audit import DataReport
 from gist_core.data.mine import Mined
+from gist_core.data.schema import load_triplets
 from gist_core.data.stage import data_stage, embed_stage, mine_stage
-from gist_core.errors import DataError, EvaluationError, RegistryError
-from gist_core.evaluation.evaluate import score_model
+from gist_core.errors import DataError, EvaluationError, GistError, RegistryError
+from gist_core.evaluation.evaluate import cached_results, score_model
 from gist_core.evaluation.summary import plot_deltas, scores_to_metrics, summarize, summary_markdown, summary_metrics
 from gist_core.evaluation.tasks import build_tasks
 from gist_core.gate import GateDecision, Scorecard, choose_baseline, decide
-from gist_core.models import ModelRef, ensure_available, fingerprint, resolve_model
-from gist_core.registry import promotion, serving, tracking, versions
+from gist_core.models import (
+    ModelRef,
+    ensure_available,
+    fingerprint,
+    model_fingerprint,
+    resolve_model,
+)
+from gist_core.registry import card, promotion, serving, tracking, versions
+from gist_core.registry.tags import GATE_BASELINE_VERSION_TAG, TAG_PREFIX
 from gist_core.registry.versions import RegisteredVersion, VersionRecord
 from gist_core.training import guide_cache
 from gist_core.training.runtime import is_main_process
-from gist_core.training.trainer import TrainResult, train
+from gist_core.training.trainer import TRAIN_METRICS_FILE, TrainResult, train
 from gist_core.versioning import DataVersion, git_commit, version_data
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,9 @@ class EvalOutput:
     path: str
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     categories: dict[str, str] = field(default_factory=dict)  # task -> MTEB type (STS, Classification, ...)
-    models: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> ref, cache name, content hash
+    models: dict[str, dict[str, str]] = field(default_factory=dict)  # role -> ref, cache name, revision, fingerprint
+    # precision, max_seq_length ("model": each model's own), library versions ({}: unknown, an older file)
+    eval_settings: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +75,37 @@ class EvalOutput:
             return cls(**json.loads(path.read_text()))
         except (ValueError, TypeError) as err:
             raise EvaluationError(f"{path}: not an evaluation output written by `gist evaluate`: {err}") from None
+
+
+class UnchangedModelError(GistError):
+    """The candidate's weights are those of a registered version: nothing is registered."""
+
+    def __init__(self, record: VersionRecord) -> None:
+        self.record = record
+        super().__init__(unchanged_text(record))
+
+
+def unchanged_text(record: VersionRecord) -> str:
+    verdict = record.tags.get(TAG_PREFIX + "gate.verdict")
+    aliases = f", {', '.join(record.aliases)}" if record.aliases else ""
+    return f"unchanged: same model as version {record.version} ({verdict or 'not decided'}{aliases})"
+
+
+@dataclass
+class UnchangedResult:
+    """A run whose candidate is a registered version's model: no version created, the gate not asked."""
+
+    data_version: DataVersion
+    run_id: str
+    train: dict[str, Any]
+    version: VersionRecord
+
+    def headline(self) -> str:
+        reused = " (training reused)" if self.train.get("reused") else ""
+        return (
+            f"{unchanged_text(self.version)}; nothing registered{reused}\n"
+            f"run {self.run_id}; data {self.data_version.md5}"
+        )
 
 
 @dataclass
@@ -147,6 +188,11 @@ def run_train(settings: Settings, data: DataVersion | None, run_id: str | None) 
         tracking.log_params(settings, run_id, settings.stage_params("base", "train"))
     result = train(settings, triplets, on_log=on_log)
     if run_id:
+        if result.reused and on_log is not None:  # the loss curve of the run that trained it, as if trained now
+            for entry in result.history:
+                if "step" in entry:
+                    on_log({k: v for k, v in entry.items() if k != "step"}, int(entry["step"]))
+        tracking.set_tags(settings, run_id, {"train_key": result.key, "train.reused": str(result.reused).lower()})
         tracking.log_metrics(
             settings,
             run_id,
@@ -154,6 +200,7 @@ def run_train(settings: Settings, data: DataVersion | None, run_id: str | None) 
                 "train/final_loss": result.train_loss,
                 "train/seconds": result.seconds,
                 "train/steps": result.steps,
+                "train/reused": float(result.reused),
             },
         )
     return result
@@ -212,6 +259,7 @@ def run_evaluate(
         baselines={role: scores_to_metrics(scores) for role, scores in baselines.items()},
         categories={t: s.category for t, s in candidate.items()},
         models={role: s.identity() for role, s in scored.items()},
+        eval_settings=dict(scored["candidate"].settings),
     )
     paths = eval_report_paths(settings)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
@@ -260,9 +308,10 @@ def _scored_champion_version(settings: Settings, evaluation: EvalOutput) -> str 
         marker = json.loads(_champion_marker(settings.path(settings.registry.champion_dir)).read_text())
     except (OSError, ValueError):
         return None
-    revision = str(scored.get("revision", ""))
-    # the cache revision is the content hash, plus "-len<N>" when max_seq_length is overridden
-    if marker.get("revision") and revision.split("-len")[0] == marker["revision"]:
+    # the cache revision is the content hash plus suffixes (-len<N>, -bf16, -lib<hash>); newer outputs
+    # also record the content hash on its own
+    scored_fingerprint = scored.get("fingerprint") or str(scored.get("revision", "")).split("-")[0]
+    if marker.get("revision") and scored_fingerprint == marker["revision"]:
         return str(marker.get("version"))
     return None
 
@@ -276,6 +325,7 @@ def _candidate_scorecard(settings: Settings, evaluation: EvalOutput) -> Scorecar
         task_revisions=evaluation.task_revisions,
         mteb_version=evaluation.mteb_version,
         failed_tasks=tuple(unscored),
+        eval_settings=evaluation.eval_settings or None,
     )
 
 
@@ -288,8 +338,13 @@ def gate_decision(settings: Settings, evaluation: EvalOutput, champion: VersionR
     """
     candidate = _candidate_scorecard(settings, evaluation)
     baselines = evaluation.baselines
+    same_run = evaluation.eval_settings or None  # baselines scored in this run: the candidate's settings
     base = Scorecard(
-        "base", baselines.get("base") or evaluation.baseline, evaluation.task_revisions, evaluation.mteb_version
+        "base",
+        baselines.get("base") or evaluation.baseline,
+        evaluation.task_revisions,
+        evaluation.mteb_version,
+        eval_settings=same_run,
     )
     champ = None
     if champion is not None:
@@ -300,6 +355,7 @@ def gate_decision(settings: Settings, evaluation: EvalOutput, champion: VersionR
                 evaluation.task_revisions,
                 evaluation.mteb_version,
                 version=champion.version,
+                eval_settings=same_run,
             )
         else:
             champ = versions.champion_scorecard(settings, champion)
@@ -329,6 +385,15 @@ def _description(
     return "\n".join(lines)
 
 
+def unchanged_version(settings: Settings, candidate_dir: Path) -> VersionRecord | None:
+    """The registered version whose weights hash equals the candidate's (None: a new model)."""
+    return versions.same_model_version(settings, model_fingerprint(_folder_ref(candidate_dir)))
+
+
+def _folder_ref(folder: Path) -> ModelRef:
+    return ModelRef(str(folder), "path", str(folder))
+
+
 def run_register(
     settings: Settings,
     run_id: str,
@@ -336,17 +401,89 @@ def run_register(
     evaluation: EvalOutput,
     data: DataVersion,
 ) -> tuple[RegisteredVersion, GateDecision]:
-    """Decide with the gate, register the candidate with lineage tags, and apply the decision.
+    """Decide with the gate, register the candidate with lineage tags, apply the decision, log its model card.
 
     The decision is made against the current champion (or the base model); the version is created
     with its lineage and scores in one call; ``registry.promote`` then moves the aliases as a
     compare-and-set, deciding again if the champion moved meanwhile. Returns the final decision.
+
+    Idempotent per run: when this MLflow run already registered the candidate (a retried step), that
+    version is finished (its promotion applied, or its recorded decision returned) instead of a new
+    one created.
+
+    Raises:
+        UnchangedModelError: another run registered the same weights (``unchanged_version``).
     """
-    champion = versions.current_champion(settings)
-    decision = gate_decision(settings, evaluation, champion)
+    weights = model_fingerprint(_folder_ref(candidate_dir))
+    scored = (evaluation.models.get("candidate") or {}).get("fingerprint")
+    if scored and scored != weights:
+        raise EvaluationError(
+            f"{evaluation.path} scored another candidate (weights {scored[:12]}) than {candidate_dir} "
+            f"({weights[:12]}): run `gist evaluate` for this candidate first"
+        )
+    existing = versions.run_version(settings, run_id)
+    if existing is not None and existing.fingerprint not in (None, weights):
+        raise RegistryError(
+            f"run {run_id} already registered version {existing.version} with other weights; "
+            "register another model from a new run"
+        )
+    if existing is None and (same := versions.same_model_version(settings, weights)) is not None:
+        raise UnchangedModelError(same)
     commit = git_commit(settings.root)
-    categories = evaluation.categories
-    tags = {
+
+    def redecide(record: VersionRecord | None) -> GateDecision:
+        return gate_decision(settings, evaluation, record)
+
+    if existing is not None and not existing.pending:
+        log.info("run %s already registered and decided version %s", run_id, existing.version)
+        baseline = existing.tags.get(GATE_BASELINE_VERSION_TAG)
+        decision = redecide(versions.get_version(settings, baseline) if baseline else None)
+        aliases = versions.version_aliases(settings, existing.version)
+        version = RegisteredVersion(existing.name, existing.version, run_id, aliases, _model_uri(existing))
+    else:
+        champion = versions.current_champion(settings)
+        decision = gate_decision(settings, evaluation, champion)
+        if existing is None:
+            tags = _version_tags(settings, evaluation, data, commit, candidate_dir, weights)
+            tracking.set_tags(settings, run_id, tags)
+            description = _description(settings, data, evaluation, decision, commit)
+            version = versions.register_model(settings, run_id, candidate_dir, tags, description)
+        else:
+            log.warning("run %s left version %s pending: finishing its promotion", run_id, existing.version)
+            version = RegisteredVersion(existing.name, existing.version, run_id, (), _model_uri(existing))
+        try:
+            expected = champion.version if champion else None
+            promoted = promotion.promote(settings, version, decision, expected_champion=expected, redecide=redecide)
+        except RegistryError:
+            raise  # the version stays pending: a retry of this step finishes it, else `gist registry cleanup-pending`
+        except Exception:
+            _discard_unless_champion(settings, version)
+            raise
+        version, decision = promoted.version, promoted.decision
+    text = model_card(settings, run_id, candidate_dir, evaluation, data, version, decision, weights, commit)
+    card.log_card(settings, version.version, text, version.name)
+    tracking.set_tags(settings, run_id, {"gate.verdict": decision.verdict})
+    tracking.log_metrics(settings, run_id, {"gate/passed": float(decision.passed)})
+    return version, decision
+
+
+def _model_uri(record: VersionRecord) -> str:
+    return f"models:/{record.name}/{record.version}"
+
+
+def _train_summary(candidate_dir: Path) -> dict[str, Any]:
+    """The trainer's ``train_metrics.json`` beside the candidate's weights ({} when absent)."""
+    try:
+        return json.loads((Path(candidate_dir) / TRAIN_METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _version_tags(
+    settings: Settings, evaluation: EvalOutput, data: DataVersion, commit: str, candidate_dir: Path, weights: str
+) -> dict[str, Any]:
+    """A version's lineage: data, code, params, models, scores and what they were computed with."""
+    return {
         "data_version": data.md5,
         "data_path": data.path,
         "git_commit": commit,
@@ -354,34 +491,78 @@ def run_register(
         "student": settings.base.student,
         "guide": settings.base.guide,
         "loss": settings.train.loss,
+        "model_fingerprint": weights,
+        "train_key": _train_summary(candidate_dir).get("key") or "unknown",
         "mteb_version": evaluation.mteb_version,
         "task_revisions": json.dumps(evaluation.task_revisions, sort_keys=True),
+        "eval_settings": json.dumps(evaluation.eval_settings, sort_keys=True),
         "scores": json.dumps(evaluation.candidate, sort_keys=True),
-        "categories": json.dumps(categories, sort_keys=True),
+        "categories": json.dumps(evaluation.categories, sort_keys=True),
     }
-    tracking.set_tags(settings, run_id, tags)
-    version = versions.register_model(
-        settings, run_id, candidate_dir, tags, _description(settings, data, evaluation, decision, commit)
+
+
+def model_card(
+    settings: Settings,
+    run_id: str,
+    candidate_dir: Path,
+    evaluation: EvalOutput,
+    data: DataVersion,
+    version: RegisteredVersion,
+    decision: GateDecision,
+    weights: str,
+    commit: str,
+) -> str:
+    """The registered version's model card (``gist_core.registry.card``), from this run's real values."""
+    cfg = settings.evaluate
+    tasks = []
+    if evaluation.models:  # mteb's results are read back from the result cache for the card's metadata
+        tasks = build_tasks(cfg.tasks, settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root)
+    cache_dir = settings.path(cfg.cache_dir)
+    results: dict[str, list[Any]] = {}
+    recorded: dict[str, dict[str, float]] = {}
+
+    def add(label: str, role: str, scores: dict[str, float]) -> None:
+        identity = evaluation.models.get(role)
+        found = cached_results(cache_dir, identity, tasks) if identity else []
+        if found:
+            results[label] = found
+        elif scores:
+            recorded[label] = scores
+
+    add(card.THIS, "candidate", evaluation.candidate)
+    add("base", "base", evaluation.baselines.get("base") or evaluation.baseline)
+    scored_champion = _scored_champion_version(settings, evaluation)
+    champion = decision.baseline_version or scored_champion
+    if champion is not None:
+        if champion == scored_champion:
+            add(f"champion v{champion}", "champion", evaluation.baselines.get("champion", {}))
+        else:
+            add(f"champion v{champion}", "", dict(versions.get_version(settings, champion).scorecard().scores))
+    summary = _train_summary(candidate_dir)
+    inputs = card.from_run(
+        settings,
+        version=(version.name, version.version, version.aliases),
+        decision=decision,
+        run_id=run_id,
+        data=(data.md5, data.path, _triplets_per_task(settings.path(data.path))),
+        lineage={"git_commit": commit, "weights_hash": weights, "train_key": summary.get("key")},
+        trained=summary,
+        evaluation=evaluation.to_dict(),
+        results=results,
+        recorded=recorded,
     )
-    try:
-        promoted = promotion.promote(
-            settings,
-            version,
-            decision,
-            expected_champion=champion.version if champion else None,
-            redecide=lambda record: gate_decision(settings, evaluation, record),
-        )
-    except Exception:
-        _discard_unless_champion(settings, version)
-        raise
-    decision = promoted.decision
-    tracking.set_tags(settings, run_id, {"gate.verdict": decision.verdict})
-    tracking.log_metrics(settings, run_id, {"gate/passed": float(decision.passed)})
-    return promoted.version, decision
+    return card.render(inputs)
+
+
+def _triplets_per_task(path: Path) -> dict[str, int]:
+    """Triplets per task of the data version trained on ({} when the file is not here)."""
+    if not path.is_file():
+        return {}
+    return {str(k): int(v) for k, v in load_triplets(path).groupby("task_name").size().items()}
 
 
 def _discard_unless_champion(settings: Settings, version: RegisteredVersion) -> None:
-    """After a failed promotion: delete the version, unless it already became champion."""
+    """After a failed promotion (not a registry error): delete the version, unless it already became champion."""
     try:
         if versions.champion_version(settings, version.name) == version.version:
             return  # promoted before the failure: keep it (its audit trail may be incomplete)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 from gist_core.config import AblationArm, Settings
 from gist_core.evaluation.tasks import build_tasks
 from gist_core.hashing import json_digest
+from gist_core.models import ensure_available, model_fingerprint, resolve_model, runtime_libraries
 from gist_core.training.guide_cache import read_manifest
+from gist_core.training.trainer import NOT_IN_RUN_KEY, training_code_hash
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +152,44 @@ def check(settings: Settings) -> None:
         log.warning("ablation: only base arms; the noise levels change nothing")
 
 
-def run_key(settings: Settings, spec: RunSpec, data_md5: str | None) -> str:
-    """A hash of everything that decides a run's result: a rerun with the same key reuses its result."""
+def content_identity(settings: Settings, trained: bool = True) -> dict[str, Any]:
+    """What the ablation's results depend on besides settings: content, never names.
+
+    The evaluation tasks' data revisions, the mteb version, the student's content fingerprint and,
+    for a trained arm, the guide's and the training code's hash (``training_code_hash``: the
+    training package and the sentence-transformers / transformers / torch versions, which also
+    decide the scores).
+    """
+    cfg = settings.evaluate
+    tasks = build_tasks(
+        eval_tasks(settings), settings.path(cfg.data_dir), custom_tasks=cfg.custom_tasks, root=settings.root
+    )
+    models_dir = settings.path(settings.base.models_dir)
+    identity: dict[str, Any] = {
+        "task_revisions": {t.metadata.name: t.metadata.revision for t in tasks},
+        "mteb": package_version("mteb"),
+        "libraries": runtime_libraries(),
+        "student": model_fingerprint(ensure_available(resolve_model(settings.base.student, models_dir, settings.root))),
+    }
+    if trained:
+        guide = ensure_available(resolve_model(settings.base.guide, models_dir, settings.root))
+        identity |= {"guide": model_fingerprint(guide), "training_code": training_code_hash()}
+    return identity
+
+
+def run_key(settings: Settings, spec: RunSpec, data_md5: str | None, identity: dict[str, Any] | None = None) -> str:
+    """A hash of everything that decides a run's result: a rerun with the same key reuses its result.
+
+    ``identity``: ``content_identity`` (computed here when not given), so changed task data, another
+    mteb or library version, or other model weights under the same name never reuse a stale result.
+    """
     arm = arms_by_name(settings)[spec.arm]
     payload = {
         "arm": arm.model_dump(mode="json"),
         "spec": asdict(spec),
         "data_md5": data_md5,
-        "student": settings.base.student,
-        "guide": settings.base.guide,
-        "train": settings.train.model_dump(mode="json"),
+        "content": identity if identity is not None else content_identity(settings, trained=not arm.base),
+        "train": settings.train.model_dump(mode="json", exclude=set(NOT_IN_RUN_KEY)),
         "ablation": settings.ablation.model_dump(
             mode="json", include={"max_steps", "batch_size", "max_triplets_per_task", "positive_noise_share"}
         ),

@@ -127,6 +127,7 @@ def _arm_settings(settings: Settings, arm: AblationArm, spec: RunSpec, folder: P
         "train.logging_steps": max(1, min(5, cfg.max_steps // 4 or 1)),
         "train.output_dir": str(folder / "model"),
         "train.save_steps": None,
+        "train.cached_models": 0,  # result.json is the ablation's reuse; its models must not evict the pipeline's
         "train.guide_cache_dir": str(guide_cache_dir(settings, variant_of(arm), data_md5)),
     }
     return with_overrides(settings, overrides)

@@ -2,8 +2,10 @@
 
 ``evaluate_model`` runs ``mteb.evaluate`` with a ``ResultCache``: mteb stores each task's result as
 ``<cache_dir>/results/<model_name with / -> __>/<model_revision>/<Task>.json``. The revision is
-the caller's content hash of the weights, so two checkpoints never share results and a second
-call for the same checkpoint reads them back without encoding. A cached result is reused only if
+the caller's content hash of the weights plus what else changes a score (``cache_revision``: the
+sequence length, the precision and the sentence-transformers / transformers / torch versions), so
+two checkpoints never share results, a score computed under other libraries is never reused, and
+a second call for the same checkpoint reads them back without encoding. A cached result is reused only if
 it was computed on the task's current data revision with the running mteb version; otherwise the
 task is run again (mteb's own "only-missing" strategy would keep a stale result). While a task
 runs, each distinct text is encoded once (``gist_core.evaluation.encoding.DedupEncoder``).
@@ -13,17 +15,21 @@ mteb and sentence-transformers take seconds to import: they are imported where a
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import PrivateAttr
 
 from gist_core.catalogue import HUB_PREFIX, LOCAL_TASKS
 from gist_core.errors import EvaluationError
 from gist_core.evaluation.summary import TaskScore
 from gist_core.evaluation.tasks import task_source
-from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint
+from gist_core.hashing import json_digest
+from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint, runtime_libraries
 
 if TYPE_CHECKING:
     from mteb.abstasks.abstask import AbsTask
@@ -143,17 +149,38 @@ def evaluate_model(
     return scores
 
 
+def evaluation_settings(max_seq_length: int | None, precision: str) -> dict[str, str]:
+    """What a score depends on besides the weights, the task data and mteb (the gate's ``comparable`` rule)."""
+    return {
+        "precision": precision,
+        "max_seq_length": "model" if max_seq_length is None else str(max_seq_length),
+        "libraries": runtime_libraries(),
+    }
+
+
+def cache_revision(fingerprint: str, settings: dict[str, str]) -> str:
+    """The result cache's revision: ``<fingerprint>[-len<N>][-bf16]-lib<hash of the library versions>``."""
+    revision = fingerprint
+    if settings["max_seq_length"] != "model":
+        revision += f"-len{settings['max_seq_length']}"
+    if settings["precision"] != "float32":
+        revision += "-bf16"
+    return f"{revision}-lib{json_digest(settings['libraries'])[:12]}"
+
+
 @dataclass(frozen=True)
 class ScoredModel:
     """A model's scores and the identity they are cached under."""
 
     ref: str  # as configured: a short name, a folder, a Hub id
     name: str  # the result cache's model name
-    revision: str  # a content hash of the model's files (+ "-len<N>", "-bf16" for non-default settings)
+    revision: str  # ``cache_revision``: the content hash of the model's files + settings that change scores
     scores: dict[str, TaskScore]
+    fingerprint: str = ""  # ``model_fingerprint`` of the model alone
+    settings: dict[str, str] = field(default_factory=dict)  # ``evaluation_settings``
 
     def identity(self) -> dict[str, str]:
-        return {"ref": self.ref, "name": self.name, "revision": self.revision}
+        return {"ref": self.ref, "name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
 
 
 def score_model(
@@ -171,16 +198,15 @@ def score_model(
     Local folders are cached as ``LOCAL_MODEL_NAME``, a Hub model under its id, at
     ``model_fingerprint(ref)`` (the content hash of the folder or of the Hub snapshot).
     ``max_seq_length`` None keeps the model's own (256 for all-MiniLM-L6-v2, as in its published
-    MTEB scores). Settings that change scores are folded into the revision: ``-len<N>`` for a
-    length override, ``-bf16`` for bfloat16.
+    MTEB scores). Settings that change scores are folded into the revision (``cache_revision``):
+    ``-len<N>`` for a length override, ``-bf16`` for bfloat16, ``-lib<hash>`` for the versions of
+    sentence-transformers, transformers and torch.
     """
     model = load_sentence_transformer(ref, max_seq_length)
     name = LOCAL_MODEL_NAME if ref.is_local else ref.location
-    revision = model_fingerprint(ref)
-    if max_seq_length is not None:
-        revision += f"-len{max_seq_length}"
-    if precision != "float32":
-        revision += "-bf16"
+    fingerprint = model_fingerprint(ref)
+    settings = evaluation_settings(max_seq_length, precision)
+    revision = cache_revision(fingerprint, settings)
     scores = evaluate_model(
         model,
         model_name=name,
@@ -191,7 +217,50 @@ def score_model(
         show_progress_bar=show_progress_bar,
         precision=precision,
     )
-    return ScoredModel(ref.ref, name, revision, scores)
+    return ScoredModel(ref.ref, name, revision, scores, fingerprint, settings)
+
+
+def cached_results(cache_dir: Path, identity: dict[str, str], tasks: Sequence[AbsTask]) -> list[TaskResult]:
+    """The stored mteb results of a scored model (``ScoredModel.identity()``) on ``tasks``, as TaskResult objects.
+
+    Each result answers ``.task`` with the task object given here: mteb would look the task up by
+    name in its own registry, which knows neither the local copies' data revisions nor custom
+    tasks. So mteb's helpers (e.g. the Hugging Face results metadata of a model card) describe the
+    data that was really evaluated. Tasks without a stored result are left out.
+    """
+    # deferred: mteb takes seconds to import
+    from mteb.cache import ResultCache
+
+    cache = ResultCache(cache_dir)
+    out = []
+    for task in tasks:
+        stored = cache.load_task_result(task.metadata.name, identity["name"], identity["revision"])
+        if stored is not None:
+            out.append(_bound_result(stored, task))
+    return out
+
+
+def _bound_result(result: TaskResult, task: AbsTask) -> TaskResult:
+    bound = _bound_result_class().model_construct(**{k: getattr(result, k) for k in type(result).model_fields})
+    bound._task = task
+    return bound
+
+
+@functools.cache
+def _bound_result_class() -> type:
+    # deferred: mteb takes seconds to import
+    from mteb.results import TaskResult
+
+    class BoundTaskResult(TaskResult):
+        """A TaskResult that knows its task object (``cached_results``)."""
+
+        _task: Any = PrivateAttr(default=None)
+
+        @property
+        def task(self) -> AbsTask:
+            return self._task
+
+    return BoundTaskResult
 
 
 def _load_task_data(task: AbsTask) -> None:

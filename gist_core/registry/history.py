@@ -1,8 +1,15 @@
 """Who held champion when: the event log on the registered model, tenures, and where a rollback goes.
 
 Every champion move is an event: a registered-model tag ``gist.event.<ns>`` holding JSON (time,
-kind, version, previous, run, detail), plus ``gist.champion_since``/``gist.champion_until`` on the
-versions; ``history`` rebuilds who held champion when from these.
+kind, version, previous, run, detail, state), plus ``gist.champion_since``/``gist.champion_until``
+on the versions; ``history`` rebuilds who held champion when from these.
+
+The event is written *before* the alias moves, as ``intended``, and marked ``done`` right after, so
+a crash between the two never leaves a move the log does not know about. An ``intended`` event
+counts only if its move took effect (the alias holds its version now, or a later event moved the
+alias away from it); otherwise the move never happened and the event is ignored (and marked
+``abandoned`` when the promotion is retried or cleaned up). ``effective_events`` applies this rule
+for ``history`` and ``rollback``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from gist_core.registry.client import Store, client, model_name, retry, target_o
 from gist_core.registry.tags import EVENT_PREFIX, PROMOTION_TAG, TAG_PREFIX
 from gist_core.registry.versions import VersionRecord, champion_version, list_versions
 
+INTENDED, DONE, ABANDONED = "intended", "done", "abandoned"
+
 
 @dataclass(frozen=True)
 class ChampionEvent:
@@ -31,6 +40,7 @@ class ChampionEvent:
     run_id: str | None = None
     detail: str = ""
     key: str = ""
+    state: str = DONE  # intended (written before the alias moved) | done | abandoned (the move never happened)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,10 +59,15 @@ class History:
     name: str
     champion: str | None
     versions: tuple[VersionRecord, ...]
-    events: tuple[ChampionEvent, ...]
+    events: tuple[ChampionEvent, ...]  # the moves that took effect (``effective_events``)
 
     def tenures(self) -> list[Tenure]:
         return champion_tenures(self.events)
+
+    @property
+    def pending(self) -> list[VersionRecord]:
+        """Versions whose promotion never finished (a crash or an unreachable registry mid-promotion)."""
+        return [v for v in self.versions if v.pending]
 
     def to_dict(self) -> dict[str, Any]:
         tenures = self.tenures()
@@ -75,6 +90,7 @@ class History:
                 for v in self.versions
             ],
             "events": [e.to_dict() for e in self.events],
+            "pending": [v.version for v in self.pending],
         }
 
     def lines(self) -> list[str]:
@@ -93,6 +109,13 @@ class History:
             out.append(f"  version {t.version:>4}  {t.since[:19]}Z -> {until:<20}  ({t.kind})")
         if not self.events:
             out.append("  never")
+        if self.pending:
+            numbers = ", ".join(v.version for v in self.pending)
+            out += [
+                "",
+                f"pending (registered, promotion never finished): version(s) {numbers}",
+                f"  finish them with a retry of their run, or remove them: gist registry cleanup-pending {self.name}",
+            ]
         return out
 
 
@@ -119,18 +142,39 @@ def champion_events(store: Store, name: str | None = None) -> list[ChampionEvent
                     run_id=raw.get("run_id"),
                     detail=raw.get("detail", ""),
                     key=key,
+                    state=raw.get("state", DONE),  # events written before states existed were done
                 )
             )
     return events
 
 
+def move_took_effect(events: Sequence[ChampionEvent], index: int, champion: str | None) -> bool:
+    """Whether the move of ``events[index]`` happened: the alias holds its version now, or a later move left it."""
+    event = events[index]
+    later = [e for e in events[index + 1 :] if e.state != ABANDONED]
+    if any(e.previous == event.version for e in later):
+        return True
+    return not later and champion == event.version
+
+
+def effective_events(events: Sequence[ChampionEvent], champion: str | None) -> list[ChampionEvent]:
+    """The moves that took effect: done events, and intended ones whose alias move happened."""
+    return [
+        e
+        for i, e in enumerate(events)
+        if e.state == DONE or (e.state == INTENDED and move_took_effect(events, i, champion))
+    ]
+
+
 def history(store: Store, name: str | None = None) -> History:
-    """Versions, their decisions, and who held champion when."""
+    """Versions, their decisions, who held champion when, and the versions left pending."""
     name = model_name(store, name)
     versions = list_versions(store, name)
-    if not versions and not champion_events(store, name):
+    events = champion_events(store, name)
+    if not versions and not events:
         raise RegistryError(f"no registered model {name!r} in {target_of(store).uri}")
-    return History(name, champion_version(store, name), tuple(versions), tuple(champion_events(store, name)))
+    champion = champion_version(store, name)
+    return History(name, champion, tuple(versions), tuple(effective_events(events, champion)))
 
 
 def champion_tenures(events: Sequence[ChampionEvent]) -> list[Tenure]:

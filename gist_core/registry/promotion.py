@@ -9,8 +9,12 @@ one model name therefore end with one champion, the one that passed against the 
 
 Each decision is written as run artifacts ``gate/decision.json`` and ``gate/decision.md``, as
 ``gist.gate.*`` tags and in the version's description; each champion move is an event
-(``gist_core.registry.history``). ``rollback`` walks back one promotion; ``revoke_promotion``
-takes back a promotion whose run failed later.
+(``gist_core.registry.history``), written as ``intended`` before the alias moves and marked
+``done`` after, so a crash between the two leaves a log that ``rollback`` can follow. ``promote``
+called again for a version whose move already happened (a retried step) finishes its record
+instead of moving anything; ``cleanup_pending`` removes versions a crash left
+``gist.promotion=pending``. ``rollback`` walks back one promotion; ``revoke_promotion`` takes back
+a promotion whose run failed later.
 """
 
 from __future__ import annotations
@@ -18,18 +22,29 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from gist_core.errors import RegistryError
 from gist_core.gate import GateDecision
 from gist_core.registry.client import RegistryTarget, Store, client, model_name, retry, target_of
-from gist_core.registry.history import ChampionEvent, champion_events, now, previous_champion
+from gist_core.registry.history import (
+    ABANDONED,
+    DONE,
+    INTENDED,
+    ChampionEvent,
+    champion_events,
+    effective_events,
+    move_took_effect,
+    now,
+    previous_champion,
+)
 from gist_core.registry.locks import promotion_lock
 from gist_core.registry.tags import (
     CHALLENGER,
     CHAMPION,
     EVENT_PREFIX,
+    GATE_BASELINE_VERSION_TAG,
     PROMOTION_TAG,
     ROLLED_BACK_TAG,
     SINCE_TAG,
@@ -38,7 +53,7 @@ from gist_core.registry.tags import (
     prefixed,
 )
 from gist_core.registry.tracking import end_run, log_artifact_dict, log_artifact_text, run_url, start_run, version_url
-from gist_core.registry.versions import RegisteredVersion, VersionRecord, alias_holder, get_version
+from gist_core.registry.versions import RegisteredVersion, VersionRecord, alias_holder, get_version, list_versions
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -68,20 +83,56 @@ def _move_champion(
     run_id: str | None,
     detail: str,
 ) -> ChampionEvent:
-    """Point champion at ``new`` (None: remove it) and record the move. Call under the lock."""
+    """Point champion at ``new`` (None: remove it) and record the move. Call under the lock.
+
+    The event is written first (``intended``), then the alias moves, then the event is marked
+    ``done``: whichever step a crash interrupts, the log never misses a move that happened.
+    """
     when, ns = now()
+    event = ChampionEvent(when, kind, new, previous, run_id, detail[:2000], key=f"{EVENT_PREFIX}{ns:020d}")
+    event = replace(event, state=INTENDED)
+    _write_event(target, mlc, name, event)
     if new is None:
         retry(target, "removing the champion alias", mlc.delete_registered_model_alias, name, CHAMPION)
     else:
         retry(target, f"moving champion to version {new}", mlc.set_registered_model_alias, name, CHAMPION, new)
-    event = ChampionEvent(when, kind, new, previous, run_id, detail[:2000], key=f"{EVENT_PREFIX}{ns:020d}")
+    return _finish_move(target, mlc, name, event)
+
+
+def _write_event(target: RegistryTarget, mlc: MlflowClient, name: str, event: ChampionEvent) -> None:
     payload = {k: v for k, v in event.to_dict().items() if k != "key"}
-    retry(target, "recording the champion move", mlc.set_registered_model_tag, name, event.key, json.dumps(payload))
-    if new is not None:
-        retry(target, "tagging the new champion", mlc.set_model_version_tag, name, new, SINCE_TAG, when)
-    if previous is not None and previous != new:
-        retry(target, "tagging the old champion", mlc.set_model_version_tag, name, previous, UNTIL_TAG, when)
-    return event
+    what = f"recording the champion move ({event.state})"
+    retry(target, what, mlc.set_registered_model_tag, name, event.key, json.dumps(payload))
+
+
+def _finish_move(target: RegistryTarget, mlc: MlflowClient, name: str, event: ChampionEvent) -> ChampionEvent:
+    """Mark a move that happened ``done`` and tag the versions with when their tenure started and ended."""
+    done = replace(event, state=DONE)
+    if event.state != DONE:
+        _write_event(target, mlc, name, done)
+    if done.version is not None:
+        retry(target, "tagging the new champion", mlc.set_model_version_tag, name, done.version, SINCE_TAG, done.time)
+    if done.previous is not None and done.previous != done.version:
+        retry(target, "tagging the old champion", mlc.set_model_version_tag, name, done.previous, UNTIL_TAG, done.time)
+    return done
+
+
+def _applied_promotion(
+    target: RegistryTarget, mlc: MlflowClient, name: str, number: str, champion: str | None
+) -> ChampionEvent | None:
+    """The promote event of ``number`` whose move took effect (a retried promotion), or None.
+
+    An ``intended`` event of ``number`` whose move never happened is marked ``abandoned`` on the way.
+    """
+    events = champion_events(target, name)
+    for index in reversed(range(len(events))):
+        event = events[index]
+        if event.kind != "promote" or event.version != number or event.state == ABANDONED:
+            continue
+        if move_took_effect(events, index, champion) or event.state == DONE:
+            return event
+        _write_event(target, mlc, name, replace(event, state=ABANDONED))
+    return None
 
 
 Redecide = Callable[[VersionRecord | None], GateDecision]
@@ -101,6 +152,10 @@ def promote(
     Under ``promotion_lock`` the alias is read again; if it moved, ``redecide`` is called with the
     new champion's record (or None) and its decision is the one applied. A dry run moves no alias.
     The decision is then recorded (tags, description, run artifacts).
+
+    Called again for a version whose promotion already moved champion (the step was retried after
+    a failure), nothing moves: the decision is made again against the champion it replaced (the
+    event's ``previous``), the event is marked done and the decision recorded.
     """
     target = target_of(store)
     mlc = client(target)
@@ -108,28 +163,36 @@ def promote(
     previous = expected_champion
     redecided = False
     aliases: list[str] = []
+    applied: ChampionEvent | None = None
     if decision.mode != "dry_run":
         with promotion_lock(target, name):
             # under the lock too, so racing candidates cannot leave challenger on a superseded one
             retry(target, "setting challenger", mlc.set_registered_model_alias, name, CHALLENGER, number)
             previous = alias_holder(target, mlc, name, CHAMPION)
-            if previous != expected_champion and redecide is not None and decision.mode == "enabled":
-                log.warning(
-                    "champion of %s moved from %s to %s since the decision: deciding again",
-                    name,
-                    expected_champion,
-                    previous,
-                )
-                decision = redecide(get_version(target, previous, name) if previous else None)
-                redecided = True
-            if decision.promote:
-                _move_champion(target, mlc, name, number, previous, "promote", version.run_id, decision.summary())
+            applied = _applied_promotion(target, mlc, name, number, previous)
+            if applied is not None:
+                log.warning("%s version %s: its promotion already moved champion; finishing its record", name, number)
+                previous = expected_champion = applied.previous
+                if redecide is not None:
+                    decision = redecide(get_version(target, previous, name) if previous else None)
+                _finish_move(target, mlc, name, applied)
             else:
+                if previous != expected_champion and redecide is not None and decision.mode == "enabled":
+                    log.warning(
+                        "champion of %s moved from %s to %s since the decision: deciding again",
+                        name,
+                        expected_champion,
+                        previous,
+                    )
+                    decision = redecide(get_version(target, previous, name) if previous else None)
+                    redecided = True
+                if decision.promote:
+                    _move_champion(target, mlc, name, number, previous, "promote", version.run_id, decision.summary())
                 # a blocked candidate is no longer the challenger
-                if alias_holder(target, mlc, name, CHALLENGER) == number:
+                elif alias_holder(target, mlc, name, CHALLENGER) == number:
                     retry(target, "removing challenger", mlc.delete_registered_model_alias, name, CHALLENGER)
-    extra: dict[str, Any] = {}
-    if decision.promote:
+    extra: dict[str, Any] = {"resumed": True} if applied is not None else {}
+    if decision.promote or applied is not None:
         aliases = [CHALLENGER, CHAMPION]
         holder = alias_holder(target, mlc, name, CHAMPION)
         if holder != number:  # only possible across hosts sharing a server (see the module doc)
@@ -193,6 +256,7 @@ def record_decision(store: Store, promotion: Promotion) -> dict[str, Any]:
         "gate.summary": decision.summary(),
         "gate.thresholds": json.dumps(decision.thresholds, sort_keys=True),
         "gate.decided_at": when,
+        GATE_BASELINE_VERSION_TAG: decision.baseline_version or "",
     }
     for key, value in prefixed(tags).items():
         retry(target, "recording the decision", mlc.set_model_version_tag, name, number, key, value)
@@ -225,7 +289,7 @@ def rollback(store: Store, name: str | None = None, reason: str = "") -> Champio
         current = alias_holder(target, mlc, name, CHAMPION)
         if current is None:
             raise RegistryError(f"{name!r} has no champion to roll back")
-        events = champion_events(target, name)
+        events = effective_events(champion_events(target, name), current)
         back_to = previous_champion(events, current)
         if back_to is None:
             raise RegistryError(f"{name!r}: version {current} has no previous champion to roll back to")
@@ -268,3 +332,66 @@ def revoke_promotion(store: Store, version: RegisteredVersion, previous_champion
             done.append(f"champion -> version {restore}" if restore else "champion removed")
     retry(target, "tagging", mlc.set_model_version_tag, name, number, ROLLED_BACK_TAG, reason or "a later step failed")
     return done
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """What ``cleanup_pending`` found and did, one line per version or event."""
+
+    removed: tuple[str, ...] = ()  # deleted pending versions
+    completed: tuple[str, ...] = ()  # pending versions that hold champion: marked ``incomplete``
+    skipped: tuple[str, ...] = ()  # younger than the minimum age (a registration may still be running)
+    abandoned_events: tuple[str, ...] = ()  # intended moves that never happened
+
+    def lines(self) -> list[str]:
+        out = [f"removed version {v} (promotion never finished, no alias)" for v in self.removed]
+        out += [
+            f"version {v} holds champion but its decision was never recorded: kept, tagged "
+            f"{PROMOTION_TAG}=incomplete (roll back with `gist registry rollback` if unwanted)"
+            for v in self.completed
+        ]
+        out += [f"version {v} is pending but recent: left alone (--min-age-minutes)" for v in self.skipped]
+        out += [f"event {k}: its champion move never happened; marked abandoned" for k in self.abandoned_events]
+        return out or ["nothing pending"]
+
+
+def cleanup_pending(
+    store: Store, name: str | None = None, min_age_seconds: float = 3600.0, dry_run: bool = False
+) -> Cleanup:
+    """Clean what crashed promotions left: versions tagged ``gist.promotion=pending`` and intended events.
+
+    A pending version older than ``min_age_seconds`` is deleted (its aliases go with it), unless it
+    holds champion: then its promotion happened and only its record is missing, so it is kept and
+    tagged ``gist.promotion=incomplete``. Intended champion moves older than ``min_age_seconds`` that
+    never took effect are marked ``abandoned``. ``dry_run`` reports without changing anything.
+    """
+    target, name = target_of(store), model_name(store, name)
+    mlc = client(target)
+    now_ms = now()[1] // 1_000_000
+    removed, completed, skipped, abandoned = [], [], [], []
+    with promotion_lock(target, name):
+        champion = alias_holder(target, mlc, name, CHAMPION)
+        events = champion_events(target, name)
+        for index, event in enumerate(events):
+            if event.state != INTENDED or move_took_effect(events, index, champion):
+                continue
+            if now_ms - int(event.key[len(EVENT_PREFIX) :]) // 1_000_000 < min_age_seconds * 1000:
+                continue  # a promotion on another host may be between its event and its alias move
+            abandoned.append(event.key)
+            if not dry_run:
+                _write_event(target, mlc, name, replace(event, state=ABANDONED))
+        for record in list_versions(target, name):
+            if not record.pending:
+                continue
+            if now_ms - record.created < min_age_seconds * 1000:
+                skipped.append(record.version)
+            elif record.version == champion:
+                completed.append(record.version)
+                if not dry_run:
+                    tag = (name, record.version, PROMOTION_TAG, "incomplete")
+                    retry(target, "tagging an incomplete promotion", mlc.set_model_version_tag, *tag)
+            else:
+                removed.append(record.version)
+                if not dry_run:
+                    retry(target, "deleting a pending version", mlc.delete_model_version, name, record.version)
+    return Cleanup(tuple(removed), tuple(completed), tuple(skipped), tuple(abandoned))

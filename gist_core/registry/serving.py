@@ -48,6 +48,17 @@ def download_version(store: Store, version: str, dest: Path, name: str | None = 
     return dest
 
 
+def version_number(store: Store, alias_or_version: str, name: str | None = None) -> str:
+    """A version number from a number or an alias (raises when the alias is not set)."""
+    if alias_or_version.isdigit():
+        return alias_or_version
+    target, name = target_of(store), model_name(store, name)
+    number = alias_holder(target, client(target), name, alias_or_version)
+    if number is None:
+        raise RegistryError(f"{name!r} has no version with alias {alias_or_version!r} in {target.uri}")
+    return number
+
+
 def load_model(store: Store, alias_or_version: str = CHAMPION, name: str | None = None) -> SentenceTransformer:
     """Load a registered version (by alias or number) as a SentenceTransformer."""
     # deferred: mlflow takes seconds to import
@@ -82,9 +93,7 @@ def encode(
     """Embed ``texts`` with a registered version: ``{model_uri, version, dimension, embeddings}``."""
     target, name = target_of(settings_or_uri), model_name(settings_or_uri, name)
     texts = list(texts)
-    number = alias if alias.isdigit() else alias_holder(target, client(target), name, alias)
-    if number is None:
-        raise RegistryError(f"{name!r} has no version with alias {alias!r} in {target.uri}")
+    number = version_number(target, alias, name)
     model = load_model(target, number, name)
     vectors = model.encode(texts, convert_to_numpy=True)
     return {

@@ -2,14 +2,16 @@
 
 A model version is created in one call with all its lineage tags, its scores and its description,
 after the model itself has been logged (with a signature and an input example): the registry never
-holds a version without them. Creating the version is idempotent across retries (a registration
-token tag), so a lost response does not register the model twice.
+holds a version without them. Registration is idempotent per run: the registration token is the run
+id and the model's weights hash, so a lost response or a retried step finds the version this run
+already created (``run_version``) instead of creating another. ``same_model_version`` finds a
+version whose weights hash (``gist.model_fingerprint``) equals a candidate's, so an unchanged model
+is never registered twice.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -18,12 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from gist_core.errors import RegistryError
 from gist_core.gate import Scorecard
-from gist_core.models import ModelRef, load_sentence_transformer
+from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint
 from gist_core.registry.client import RegistryTarget, Store, client, fluent_uri, model_name, retry, target_of
 from gist_core.registry.tags import (
     CATEGORIES_TAG,
+    CHALLENGER,
     CHAMPION,
+    EVAL_SETTINGS_TAG,
+    FINGERPRINT_TAG,
     MTEB_VERSION_TAG,
+    PROMOTION_TAG,
     REGISTRATION_TAG,
     SCORES_TAG,
     TASK_REVISIONS_TAG,
@@ -70,17 +76,28 @@ class VersionRecord:
     description: str
 
     def scorecard(self, label: str = CHAMPION, metrics: dict[str, float] | None = None) -> Scorecard:
-        """Its recorded scores and the task revisions / mteb version they were computed with."""
+        """Its recorded scores and what they were computed with (task revisions, mteb, evaluation settings)."""
         scores = json_tag(self.tags, SCORES_TAG)
         if scores is None:  # registered before scores were tagged: fall back to the run's metrics
-            scores = {k[len("eval/") :]: v for k, v in (metrics or {}).items() if k.startswith("eval/")}
+            scores = task_metrics(metrics or {})
         return Scorecard(
             label=label,
             scores={t: float(v) for t, v in scores.items()},
             task_revisions=json_tag(self.tags, TASK_REVISIONS_TAG),
             mteb_version=self.tags.get(MTEB_VERSION_TAG),
             version=self.version,
+            eval_settings=json_tag(self.tags, EVAL_SETTINGS_TAG),
         )
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The weights hash recorded at registration (``gist.model_fingerprint``)."""
+        return self.tags.get(FINGERPRINT_TAG)
+
+    @property
+    def pending(self) -> bool:
+        """Registered, but its promotion was never finished (``gist.promotion=pending``)."""
+        return self.tags.get(PROMOTION_TAG) == "pending"
 
     @property
     def categories(self) -> dict[str, str]:
@@ -88,6 +105,23 @@ class VersionRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Aggregates ``summary_metrics`` logs beside the per-task ``eval/<task>`` metrics: not tasks.
+_AGGREGATE_METRICS = frozenset({"overall", "overall_by_category"})
+
+
+def task_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Per-task scores from a run's ``eval/*`` metrics, without ``eval/overall*`` and ``eval/category/*``."""
+    out = {}
+    for key, value in metrics.items():
+        if not key.startswith("eval/"):
+            continue
+        task = key[len("eval/") :]
+        if "/" in task or task in _AGGREGATE_METRICS:
+            continue
+        out[task] = value
+    return out
 
 
 def _pip_requirements() -> list[str]:
@@ -117,7 +151,9 @@ def register_model(
     The model is logged with a signature (text in, one float vector per text out) and an input
     example. The version is created in one call with ``tags`` (plus ``gist.promotion=pending``
     until ``promote`` applies a decision) and ``description``; nothing is registered when an
-    earlier step fails.
+    earlier step fails. The registration token is ``<run id>:<weights hash>`` (``tags`` must hold
+    ``model_fingerprint``, else the model folder is hashed): a second call for the same run and
+    model returns the version the first one created.
 
     Raises:
         RegistryError: MLflow stayed unreachable through every retry, or refused the model.
@@ -130,9 +166,15 @@ def register_model(
     target = target_of(store)
     name = target.conf.model_name
     mlc = client(target)
-    model = load_sentence_transformer(ModelRef(str(model_dir), "path", str(model_dir)))
+    ref = ModelRef(str(model_dir), "path", str(model_dir))
+    tags = {"model_fingerprint": model_fingerprint(ref), **tags}
+    token = f"{run_id}:{tags['model_fingerprint']}"
+    found = retry(target, f"looking up {name!r} versions of run {run_id}", _find_token, mlc, name, token)
+    if found is not None:
+        log.info("run %s already registered this model as %s version %s", run_id, name, found.version)
+        return RegisteredVersion(name, str(found.version), run_id, (), f"models:/{name}/{found.version}")
+    model = load_sentence_transformer(ref)
     signature = infer_signature(INPUT_EXAMPLE, model.encode(INPUT_EXAMPLE))
-    token = uuid.uuid4().hex
     version_tags = prefixed({**tags, "registration_id": token, "promotion": "pending"})
     try:
         run_info = retry(target, f"reading run {run_id}", mlc.get_run, run_id).info
@@ -187,12 +229,45 @@ def _ensure_registered_model(target: RegistryTarget, mlc: MlflowClient, name: st
             raise
 
 
+def _find_token(mlc: MlflowClient, name: str, token: str) -> Any:
+    found = mlc.search_model_versions(f"name = '{name}' and tags.`{REGISTRATION_TAG}` = '{token}'")
+    return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
 def _create_version_once(mlc: MlflowClient, name: str, token: str, **kwargs: Any) -> Any:
     """create_model_version, unless an earlier attempt whose answer was lost already created it."""
-    found = mlc.search_model_versions(f"name = '{name}' and tags.`{REGISTRATION_TAG}` = '{token}'")
-    if found:
-        return found[0]
+    found = _find_token(mlc, name, token)
+    if found is not None:
+        return found
     return mlc.create_model_version(name, **kwargs)
+
+
+def _search(store: Store, what: str, name: str, condition: str) -> list[VersionRecord]:
+    """Versions of ``name`` matching an MLflow filter condition, oldest first."""
+    target = target_of(store)
+    found = retry(target, what, client(target).search_model_versions, f"name = '{name}' and {condition}")
+    return sorted((_record(mv) for mv in found), key=lambda r: int(r.version))
+
+
+def run_version(store: Store, run_id: str, name: str | None = None) -> VersionRecord | None:
+    """The version the MLflow run ``run_id`` registered (its first, if an old run made several), or None."""
+    name = model_name(store, name)
+    found = _search(store, f"looking up the {name!r} version of run {run_id}", name, f"run_id = '{run_id}'")
+    return found[0] if found else None
+
+
+def same_model_version(store: Store, fingerprint: str, name: str | None = None) -> VersionRecord | None:
+    """The first completed version whose weights hash is ``fingerprint`` (None: a model never registered).
+
+    Versions whose promotion never finished (``gist.promotion=pending``, left by a crash) do not
+    count: ``gist registry cleanup-pending`` removes them.
+    """
+    name = model_name(store, name)
+    found = _search(
+        store, f"looking up {name!r} versions by weights hash", name, f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"
+    )
+    record = next((r for r in found if not r.pending), None)
+    return None if record is None else replace(record, aliases=version_aliases(store, record.version, name))
 
 
 def discard_version(store: Store, version: RegisteredVersion) -> None:
@@ -215,6 +290,13 @@ def alias_holder(store: Store, mlc: MlflowClient, name: str, alias: str) -> str 
     except MlflowException:  # no such alias (or no such model)
         return None
     return str(mv.version)
+
+
+def version_aliases(store: Store, version: str, name: str | None = None) -> tuple[str, ...]:
+    """The aliases (challenger, champion) that point at ``version`` now."""
+    target, name = target_of(store), model_name(store, name)
+    mlc = client(target)
+    return tuple(a for a in (CHALLENGER, CHAMPION) if alias_holder(target, mlc, name, a) == str(version))
 
 
 def champion_version(store: Store, name: str | None = None) -> str | None:
@@ -259,7 +341,7 @@ def current_champion(store: Store, name: str | None = None) -> VersionRecord | N
 def champion_scorecard(store: Store, record: VersionRecord) -> Scorecard:
     """The recorded scores of a version, falling back to its run's ``eval/*`` metrics."""
     metrics = None
-    if SCORES_TAG not in record.tags and record.run_id:
+    if SCORES_TAG not in record.tags and record.run_id:  # registered before scores were tagged
         run = retry(store, f"reading run {record.run_id}", client(store).get_run, record.run_id)
         metrics = dict(run.data.metrics)
     return record.scorecard(CHAMPION, metrics)

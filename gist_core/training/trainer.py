@@ -5,11 +5,17 @@ Uses sentence-transformers' own trainer, GIST losses (``gist_core.loss``) and ba
 trainer's multi-dataset sampler draws each batch from a single task, as the GISTEmbed code does;
 ``NO_DUPLICATES`` keeps any text from appearing twice in a batch.
 
-A run is robust to being stopped: every ``train.save_steps`` steps it checkpoints into
-``train.checkpoints_dir/<run key>``, where the key hashes the settings that decide the result and the
-data version. Started again with the same settings and data, it resumes from the last complete
-checkpoint and ends where an uninterrupted run would; the checkpoints are removed once the final
-model is saved.
+A run is keyed by the content of what decides its result (``training_key``): the triplets' md5 (the
+data version), the ``train`` settings except output paths and logging, the seed, the student's and
+the guide's content fingerprints (not their names or paths), a hash of the code that trains (this
+package's files and the sentence-transformers / transformers / torch versions) and the process
+count. Its folder is ``train.checkpoints_dir/<key>``:
+
+- every ``train.save_steps`` steps the run checkpoints there; started again with the same key, it
+  resumes from the last complete checkpoint and ends where an uninterrupted run would;
+- the finished model is kept there as ``model/`` (the checkpoints are removed), and a later call with
+  the same key copies it to ``train.output_dir`` without training (``TrainResult.reused``). The
+  ``train.cached_models`` most recently used finished models are kept; 0 turns the reuse off.
 
 Under ``torchrun`` / ``accelerate launch`` it trains with DDP (gloo on CPU), gathers in-batch
 candidates across processes, keeps the gathered batch to one task with no duplicates
@@ -38,10 +44,17 @@ import pyarrow.parquet as pq
 
 from gist_core.config import Settings
 from gist_core.data.schema import LABEL_COLUMNS, load_triplets, load_triplets_schema
-from gist_core.hashing import file_md5, json_digest
-from gist_core.models import ModelRef, load_sentence_transformer
+from gist_core.hashing import file_md5, json_digest, labelled_files_digest
+from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint, runtime_libraries
 from gist_core.training.guide_cache import load_or_build_guide_cache, store_root
-from gist_core.training.runtime import cuda_bf16, pick_device, resolve_models, set_seed, world_size
+from gist_core.training.runtime import (
+    cuda_bf16,
+    is_main_process,
+    pick_device,
+    resolve_models,
+    set_seed,
+    world_size,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -55,8 +68,12 @@ MODEL_CARD_FULL_STATS_TASKS = 16  # above this many tasks the model card's stati
 MODEL_CARD_SAMPLE_ROWS = 10
 TRAIN_ARROW_DIR = ".cache/train-datasets"  # the triplets as task-sorted Arrow files, memory-mapped by training
 TRAINER_STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
-# Settings that change neither the trained weights nor the batches: a run may resume across them.
-NOT_IN_RUN_KEY = frozenset({"output_dir", "logging_steps", "save_steps", "checkpoints_dir", "guide_cache_dir"})
+# Settings that change neither the trained weights nor the batches: a run may resume (or be reused) across them.
+NOT_IN_RUN_KEY = frozenset(
+    {"output_dir", "logging_steps", "save_steps", "checkpoints_dir", "guide_cache_dir", "cached_models"}
+)
+FINAL_MODEL = "model"  # the finished model inside a run's folder (``train.checkpoints_dir/<key>/model``)
+TRAINING_CODE = Path(__file__).resolve().parent  # gist_core/training: the code that decides what is trained
 
 
 @dataclass
@@ -73,6 +90,8 @@ class TrainResult:
     guide: str = "none"  # model | cache | none
     gather_across_devices: bool = False
     skipped_tasks: dict[str, int] = field(default_factory=dict)  # task -> rows: cannot give one global batch
+    key: str = ""  # ``training_key``: what decided this result
+    reused: bool = False  # copied from the finished model of an earlier run with the same key
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -164,16 +183,37 @@ def text_labels(triplets_path: Path) -> dict[str, str]:
     return dict(zip(clear["text"], clear["label"], strict=True))
 
 
-def run_key(settings: Settings, data_md5: str, processes: int) -> str:
-    """A hash of what decides a run's result: model and train settings, data version, process count."""
+def training_code_hash() -> str:
+    """A hash of the code that trains: this package's modules and the runtime libraries' versions."""
+    files = sorted(TRAINING_CODE.glob("*.py"))
+    return labelled_files_digest(((f.name, f) for f in files), label_end=b"\0", extra=runtime_libraries().encode())
+
+
+def run_key(settings: Settings, data_md5: str, processes: int, models: dict[str, str | None], code: str) -> str:
+    """A hash of what decides a run's result: content, never paths or model names.
+
+    ``models``: the student's and (for the guided loss) the guide's ``model_fingerprint``; ``code``:
+    ``training_code_hash()``. The train settings count except ``NOT_IN_RUN_KEY``.
+    """
     cfg = settings.train.model_dump(mode="json")
     payload = {
-        "base": {"seed": settings.base.seed, "student": settings.base.student, "guide": settings.base.guide},
+        "seed": settings.base.seed,
+        "models": {"student": models.get("student"), "guide": models.get("guide") if cfg["loss"] == "gist" else None},
         "train": {k: v for k, v in cfg.items() if k not in NOT_IN_RUN_KEY},
         "data_md5": data_md5,
         "world_size": processes,
+        "code": code,
     }
     return json_digest(payload)[:16]
+
+
+def training_key(settings: Settings, data_md5: str, processes: int, student: ModelRef, guide: ModelRef) -> str:
+    """``run_key`` with the models' fingerprints and the training code's hash computed here."""
+    models = {
+        "student": model_fingerprint(student),
+        "guide": model_fingerprint(guide) if settings.train.loss == "gist" else None,
+    }
+    return run_key(settings, data_md5, processes, models, training_code_hash())
 
 
 def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | None:
@@ -359,12 +399,52 @@ def mean_train_loss(log_history: list[dict[str, Any]]) -> float:
 
 @contextmanager
 def _run_folder(settings: Settings, key: str) -> Iterator[Path]:
-    """The persistent checkpoint folder of this run, or a scratch folder when checkpoints are off."""
-    if settings.train.save_steps:
+    """The persistent folder of this run (checkpoints, then the finished model), or a scratch folder
+    when there is nothing to keep (no checkpoints and no reuse)."""
+    if settings.train.save_steps or settings.train.cached_models:
         yield settings.path(settings.train.checkpoints_dir) / key
         return
     with tempfile.TemporaryDirectory(prefix="gist-train-") as scratch:
         yield Path(scratch)
+
+
+def stored_model(settings: Settings, key: str) -> Path | None:
+    """The finished model an earlier run with ``key`` kept, or None (none kept, or reuse is off)."""
+    folder = settings.path(settings.train.checkpoints_dir) / key / FINAL_MODEL
+    if settings.train.cached_models and (folder / TRAIN_METRICS_FILE).is_file():  # written last: complete
+        return folder
+    return None
+
+
+def _reuse(settings: Settings, stored: Path, key: str) -> TrainResult:
+    """Copy a kept model to ``train.output_dir`` and return its training summary, marked reused."""
+    raw = json.loads((stored / TRAIN_METRICS_FILE).read_text())
+    known = set(TrainResult.__dataclass_fields__)
+    output_dir = settings.path(settings.train.output_dir)
+    result = TrainResult(**{**{k: v for k, v in raw.items() if k in known}, "output_dir": output_dir})
+    result.key, result.reused = key, True
+    if is_main_process():
+        _copy_atomically(stored, output_dir, result)
+        os.utime(stored / TRAIN_METRICS_FILE)  # most recently used: kept longest
+    log.info("reusing the model trained with key %s (%s): nothing to train -> %s", key, stored, output_dir)
+    return result
+
+
+def _keep_finished(settings: Settings, output_dir: Path, run_dir: Path, result: TrainResult) -> None:
+    """Keep the finished model in the run's folder (for reuse), drop its checkpoints, prune old ones."""
+    cfg = settings.train
+    for checkpoint in run_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the final model is saved: nothing left to resume
+    if not cfg.cached_models:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        return
+    _copy_atomically(output_dir, run_dir / FINAL_MODEL, result)
+    finished = [folder for folder in run_dir.parent.iterdir() if (folder / FINAL_MODEL / TRAIN_METRICS_FILE).is_file()]
+    finished.sort(key=lambda f: (f / FINAL_MODEL / TRAIN_METRICS_FILE).stat().st_mtime, reverse=True)
+    for old in finished[cfg.cached_models :]:
+        log.info("removing the kept model %s (train.cached_models: %d)", old, cfg.cached_models)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_guide(
@@ -420,11 +500,15 @@ def train(
 
     cfg = settings.train
     processes = world_size()
+    student_ref, guide_ref = resolve_models(settings)
+    data_md5 = file_md5(triplets_path)
+    key = training_key(settings, data_md5, processes, student_ref, guide_ref)
+    stored = stored_model(settings, key)
+    if stored is not None:
+        return _reuse(settings, stored, key)
     set_seed(settings.base.seed)
     device = pick_device()
-    student_ref, guide_ref = resolve_models(settings)
     train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches, settings.path(TRAIN_ARROW_DIR))
-    data_md5 = file_md5(triplets_path)
     small: dict[str, int] = {}
     if processes > 1 and cfg.task_homogeneous_batches:
         # deferred: the samplers import sentence-transformers
@@ -446,7 +530,7 @@ def train(
     native_max_seq_length = student.max_seq_length
     student.max_seq_length = cfg.max_seq_length
 
-    with _run_folder(settings, run_key(settings, data_md5, processes)) as run_dir:
+    with _run_folder(settings, key) as run_dir:
         args = training_arguments(settings, run_dir, device, processes)
         guide, guide_kind = (None, "none")
         if cfg.loss == "gist":
@@ -487,6 +571,7 @@ def train(
             guide=guide_kind,
             gather_across_devices=bool(getattr(loss, "gather_across_devices", False)),
             skipped_tasks=small,
+            key=key,
         )
         if not trainer.is_world_process_zero():
             return result
@@ -494,19 +579,29 @@ def train(
         # and evaluation compares base and candidate under the same, published-comparable length.
         student.max_seq_length = native_max_seq_length
         _save_atomically(student, result, output_dir)
-        if cfg.save_steps:
-            shutil.rmtree(run_dir, ignore_errors=True)  # the final model is saved: nothing left to resume
+        if cfg.save_steps or cfg.cached_models:
+            _keep_finished(settings, output_dir, run_dir, result)
     log.info("trained %d steps in %.1f s (loss %.4f) -> %s", result.steps, seconds, result.train_loss, output_dir)
     return result
 
 
 def _save_atomically(student: SentenceTransformer, result: TrainResult, output_dir: Path) -> None:
     """Save the model and its metrics; the folder is either complete or absent."""
-    staged = output_dir.with_name(output_dir.name + ".partial")
+    _replace_folder(output_dir, result, student.save)
+
+
+def _copy_atomically(source: Path, dest: Path, result: TrainResult) -> None:
+    """Copy a saved model folder (its metrics rewritten from ``result``); complete or absent."""
+    _replace_folder(dest, result, lambda staged: shutil.copytree(source, staged))
+
+
+def _replace_folder(dest: Path, result: TrainResult, write: Callable[[str], Any]) -> None:
+    staged = dest.with_name(dest.name + ".partial")
     if staged.exists():
         shutil.rmtree(staged)
-    student.save(str(staged))
-    (staged / TRAIN_METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staged.rename(output_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write(str(staged))
+    (Path(staged) / TRAIN_METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")  # last: complete
+    if dest.exists():
+        shutil.rmtree(dest)
+    Path(staged).rename(dest)

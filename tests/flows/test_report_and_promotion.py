@@ -197,3 +197,23 @@ def test_a_busy_prefect_promotion_limit_is_a_clear_registry_error(settings, pref
             pass
     with flows.locks.prefect_promotion_limit(name, 5):  # released on exit
         pass
+
+
+def test_an_unchanged_run_ends_in_its_own_completed_state(settings) -> None:
+    record = versions.VersionRecord(
+        name="gist-embedding",
+        version="3",
+        run_id="run-of-v3",
+        created=0,
+        aliases=("challenger", "champion"),
+        tags={"gist.gate.verdict": "passed", "gist.model_fingerprint": "f" * 64},
+        description="",
+    )
+    result = stages.UnchangedResult(DATA, "rerun", {"reused": True, "key": "k" * 16}, record)
+    state = pipeline.final_state(result)
+    assert state.is_completed() and state.name == pipeline.UNCHANGED_STATE == "Unchanged"
+    assert state.message.startswith("unchanged: same model as version 3 (passed, challenger, champion); nothing")
+    assert "(training reused)" in state.message
+    markdown = report.unchanged_markdown(settings, result)
+    assert markdown.startswith("# unchanged: same model as version 3") and "f" * 64 in markdown
+    assert "the promotion gate was not asked" in markdown and "reused the kept model" in markdown

@@ -71,7 +71,10 @@ def test_torchrun_trains_with_two_processes_and_checkpoints_mid_run(
     # One "Saving model checkpoint" log line per checkpoint: rank 0's (every rank used to write the files).
     saved = [line for line in torchrun.stderr.splitlines() if "Saving model checkpoint to" in line]
     assert [Path(line.split()[-1]).name for line in saved] == ["checkpoint-2", "checkpoint-3"], torchrun.stderr[-3000:]
-    assert not any(settings.path(settings.train.checkpoints_dir).iterdir()), "removed after the final save"
+    (run_dir,) = settings.path(settings.train.checkpoints_dir).iterdir()
+    assert run_dir.name == metrics["key"] and [p.name for p in run_dir.iterdir()] == ["model"], (
+        "checkpoints removed after the final save; the finished model kept for reuse"
+    )
     assert (settings.path(settings.train.output_dir) / "model.safetensors").is_file()
     mlc = client.client(settings)
     run = mlc.get_run(run_id)

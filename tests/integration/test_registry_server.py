@@ -26,6 +26,7 @@ from gist_core.registry import client, history, locks, promotion, serving, track
 from gist_core.stages import EvalOutput
 from gist_core.versioning import DataVersion
 from tests.support.mlflow_store import MlflowServer, copy_db, free_port, migrated_sqlite_db, stop_process_group
+from tests.support.registry import variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -97,9 +98,10 @@ def evaluation(score: float, base: float = 0.70) -> EvalOutput:
 
 
 def register(settings, model_dir: Path, score: float):
+    """Register a new candidate (a copy with its own weights hash: the same weights are never registered twice)."""
     run_id = tracking.start_run(settings, "test")
     with tracking.failing_run_marks_failed(settings, run_id):
-        return stages.run_register(settings, run_id, model_dir, evaluation(score), DATA)
+        return stages.run_register(settings, run_id, variant(model_dir, settings.root), evaluation(score), DATA)
 
 
 def test_promote_block_rollback_and_consume(store, request, tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -12,40 +12,17 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
 from gist_core import stages
-from gist_core.config import GateSettings, settings_from_dict
+from gist_core.config import GateSettings
 from gist_core.errors import RegistryError
 from gist_core.gate import Scorecard, decide
 from gist_core.registry import client, history, locks, promotion, serving, tracking, versions
 from gist_core.registry.history import ChampionEvent, champion_tenures, previous_champion
-from gist_core.stages import EvalOutput
-from gist_core.versioning import DataVersion
 from tests.support.mlflow_store import copy_db, migrated_sqlite_db
-
-REVS = {"STSBenchmark": "rev-sts-1"}
-DATA = DataVersion("data", "data/prepared/triplets.parquet", "d" * 32, None)
-
-
-def make_settings(root: Path, repo_root: Path, **gate):
-    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["registry"].update(
-        {
-            "tracking_uri": "sqlite:///store/mlflow.db",
-            "artifact_location": "artifacts",
-            "model_name": "gist-test",
-            "retry_attempts": 2,
-            "retry_backoff_seconds": 0.01,
-            "lock_timeout_seconds": 30,
-        }
-    )
-    raw["evaluate"]["tasks"] = ["STSBenchmark"]
-    raw["gate"].update({"required_tasks": ["STSBenchmark"], "max_task_regression": 0.01, **gate})
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # for the CLI's --root
-    return settings_from_dict(raw, root)
+from tests.support.registry import DATA, REVS, evaluation, make_settings, register
 
 
 @pytest.fixture(scope="session")
@@ -62,27 +39,6 @@ def _store(tmp_path: Path, template_db: Path) -> None:
 @pytest.fixture
 def settings(tmp_path: Path, repo_root: Path):
     return make_settings(tmp_path, repo_root)
-
-
-def evaluation(candidate: float, base: float = 0.70, revs: dict[str, str] = REVS, mteb: str = "2.26.24") -> EvalOutput:
-    return EvalOutput(
-        candidate={"STSBenchmark": candidate},
-        baseline={"STSBenchmark": base},
-        baseline_name="base",
-        summary={"tasks": {"STSBenchmark": {"category": "STS"}}},
-        task_revisions=dict(revs),
-        mteb_version=mteb,
-        path="reports/eval.json",
-        baselines={"base": {"STSBenchmark": base}},
-        categories={"STSBenchmark": "STS"},
-    )
-
-
-def register(settings, model_dir: Path, score: float, **kw):
-    run_id = tracking.start_run(settings, "test")
-    with tracking.failing_run_marks_failed(settings, run_id):
-        version, decision = stages.run_register(settings, run_id, model_dir, evaluation(score, **kw), DATA)
-    return run_id, version, decision
 
 
 def test_lifecycle_pass_block_pass_history_rollback(settings, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -279,7 +235,14 @@ def test_fetch_champion_downloads_a_loadable_folder(settings, tiny_model_dir: Pa
     ev.models = {"champion": {"ref": "champion", "name": "x", "revision": marker["revision"] + "-len64"}}
     decision = stages.gate_decision(settings, ev, versions.current_champion(settings))
     assert decision.baseline_label == "champion v1" and decision.deltas["STSBenchmark"] == pytest.approx(-0.04)
-    ev.models["champion"]["revision"] = "another-folder"
+    # a bfloat16 evaluation of the same folder (revision <hash>-bf16-lib<...>) is recognised too
+    ev.models["champion"] = {"name": "x", "revision": marker["revision"] + "-bf16-lib0123", "fingerprint": ""}
+    assert stages.gate_decision(settings, ev, versions.current_champion(settings)).deltas["STSBenchmark"] == (
+        pytest.approx(-0.04)
+    )
+    ev.models["champion"] = {"name": "x", "revision": "x-len64", "fingerprint": marker["revision"]}
+    assert stages.gate_decision(settings, ev, versions.current_champion(settings)).baseline_label == "champion v1"
+    ev.models["champion"] = {"ref": "champion", "name": "x", "revision": "another-folder"}
     decision = stages.gate_decision(settings, ev, versions.current_champion(settings))
     assert decision.deltas["STSBenchmark"] == pytest.approx(0.01), "unknown folder: the recorded scores"
 

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from gist_core.hashing import file_md5
+from gist_core.models import fingerprint
 from gist_core.registry import versions
 from tests.support.projects import make_project, run, tiny_params
 from tests.support.services import DVC_BUCKET, MLFLOW_BUCKET, POOL, SharedServices, bucket_keys, postgres_bin
@@ -141,6 +142,18 @@ def _gist(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complet
     return subprocess.run([sys.executable, "-m", "flows", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+def _new_candidate(project: Path, label: str) -> None:
+    """Make outputs/candidate a model the registry has not seen (an extra file changes its weights hash) and
+    reports/eval.json its evaluation, as `gist train` + `gist evaluate` would: the same weights are never
+    registered twice, so each registration below needs a new candidate."""
+    candidate = project / "outputs" / "candidate"
+    (candidate / "variant.txt").write_text(label)
+    report = project / "reports" / "eval.json"
+    evaluation = json.loads(report.read_text())
+    evaluation["models"]["candidate"]["fingerprint"] = fingerprint(candidate)
+    report.write_text(json.dumps(evaluation))
+
+
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -163,6 +176,7 @@ def test_faults_fail_with_one_clear_line_and_leave_nothing_half_done(stack, run_
     assert f"s3://{DVC_BUCKET}/store" in line and "Forbidden" in line, line
 
     # the database stopped: the registry names the tracking server; nothing is registered meanwhile
+    _new_candidate(project, "second")
     before = _version_numbers(stack)
     stack.postgres.stop()
     try:
@@ -176,6 +190,7 @@ def test_faults_fail_with_one_clear_line_and_leave_nothing_half_done(stack, run_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
 
     # the S3 server gone: logging a model fails naming the artifact store; nothing is registered
+    _new_candidate(project, "third")
     stack.services["moto"].stop()
     after = _version_numbers(stack)
     line = _one_line_error(_gist(["register", "--root", str(project)], project, env))

@@ -186,17 +186,27 @@ def test_hub_task_offline_is_a_clear_error(empty_hf_cache: None, tiny: Any, tmp_
     assert not tasks[0].data_loaded
 
 
-def test_bfloat16_results_are_cached_apart(files: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_bfloat16_results_are_cached_apart(files: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from gist_core.evaluation import evaluate
     from gist_core.evaluation.evaluate import score_model
-    from gist_core.models import ModelRef
+    from gist_core.models import ModelRef, model_fingerprint
 
     ref = ModelRef("tiny", "path", str(tiny_model_dir))
     tasks = build(files)[1:2]  # MySTS
     fp32 = score_model(ref, tasks, cache_dir=tmp_path, show_progress_bar=False)
     bf16 = score_model(ref, tasks, cache_dir=tmp_path, show_progress_bar=False, precision="bfloat16")
 
-    assert bf16.revision == fp32.revision + "-bf16"
+    assert bf16.revision == fp32.revision.replace("-lib", "-bf16-lib")
+    assert bf16.fingerprint == fp32.fingerprint == model_fingerprint(ref) == fp32.revision.split("-")[0]
+    assert (fp32.settings["precision"], bf16.settings["precision"]) == ("float32", "bfloat16")
     assert bf16.scores["MySTS"].encoding is not None  # not served from the float32 result
     assert -1.0 <= bf16.scores["MySTS"].main_score <= 1.0
     again = score_model(ref, tasks, cache_dir=tmp_path, show_progress_bar=False, precision="bfloat16")
     assert again.scores == bf16.scores and again.scores["MySTS"].encoding is None
+
+    # a score cached under other sentence-transformers / transformers / torch versions is not reused
+    libraries = fp32.settings["libraries"]
+    assert libraries.startswith("sentence-transformers==") and " torch==" in libraries
+    monkeypatch.setattr(evaluate, "runtime_libraries", lambda: libraries.replace("torch==", "torch==0.0+"))
+    upgraded = score_model(ref, tasks, cache_dir=tmp_path, show_progress_bar=False)
+    assert upgraded.revision != fp32.revision and upgraded.scores["MySTS"].encoding is not None

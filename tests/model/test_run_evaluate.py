@@ -77,6 +77,8 @@ def test_eval_output_keeps_old_fields_and_adds_baselines(first: dict[str, Any]) 
     assert set(out.task_revisions) == set(NAMES)
     assert out.models["base"]["name"] == out.models["champion"]["name"] == "gist-local/model"
     assert len({m["revision"] for m in out.models.values()}) == 3  # three different weights
+    assert all(m["revision"].startswith(m["fingerprint"] + "-") for m in out.models.values())
+    assert out.eval_settings["precision"] == "float32" and "torch==" in out.eval_settings["libraries"]
     assert out.summary["baselines"] == ["base", "champion"]
     delta = out.summary["tasks"]["MySTS"]["deltas"]["champion"]
     assert delta == pytest.approx(out.candidate["MySTS"] - out.baselines["champion"]["MySTS"])

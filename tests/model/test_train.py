@@ -102,3 +102,47 @@ def test_unloadable_model_is_a_clear_error(repo_root: Path, tmp_path: Path, trip
     settings = _settings(repo_root, tmp_path, str(tmp_path / "empty-model"), str(tmp_path / "empty-model"))
     with pytest.raises(ModelError, match="could not load model"):
         train(settings, triplets)
+
+
+def test_the_same_inputs_return_the_kept_model_without_training(
+    repo_root: Path, tmp_path: Path, tiny_model_dir: Path, triplets: Path
+) -> None:
+    """The training key is content: same data, settings, weights and code return the kept model; a change trains."""
+    import shutil
+
+    from gist_core.models import fingerprint
+    from gist_core.training.trainer import FINAL_MODEL, stored_model
+
+    settings = _settings(repo_root, tmp_path, str(tiny_model_dir), str(tiny_model_dir), loss="mnrl", save_steps=1)
+    first = train(settings, triplets)
+    assert not first.reused and len(first.key) == 16
+    run_dir = tmp_path / "outputs/checkpoints" / first.key
+    assert sorted(p.name for p in run_dir.iterdir()) == [FINAL_MODEL], "checkpoints removed, the model kept"
+    assert stored_model(settings, first.key) == run_dir / FINAL_MODEL
+    weights = fingerprint(first.output_dir)
+
+    # the student under another path and name, same files: still the same key
+    moved = tmp_path / "elsewhere" / "renamed-student"
+    shutil.copytree(tiny_model_dir, moved)
+    same = _settings(repo_root, tmp_path, str(moved), str(moved), loss="mnrl", save_steps=1, logging_steps=2)
+    shutil.rmtree(first.output_dir)
+    logged: list[int] = []
+    second = train(same, triplets, on_log=lambda values, step: logged.append(step))
+    assert second.reused and second.key == first.key and logged == [], "nothing trained"
+    assert fingerprint(second.output_dir) == weights
+    assert (second.steps, second.train_loss, second.history) == (first.steps, first.train_loss, first.history)
+    assert json.loads((second.output_dir / TRAIN_METRICS_FILE).read_text())["reused"] is True
+
+    # a setting that changes the result trains again; only train.cached_models finished models are kept
+    keys = [first.key]
+    for lr in (1e-4, 1e-3):
+        changed = train(_settings(repo_root, tmp_path, str(moved), str(moved), loss="mnrl", learning_rate=lr), triplets)
+        assert not changed.reused and changed.key not in keys
+        keys.append(changed.key)
+    kept = sorted(p.name for p in (tmp_path / "outputs/checkpoints").iterdir())
+    assert kept == sorted(keys[1:]), "the least recently used is removed (train.cached_models: 2)"
+
+    # train.cached_models 0: never reused, nothing kept
+    off = _settings(repo_root, tmp_path, str(moved), str(moved), loss="mnrl", learning_rate=1e-3, cached_models=0)
+    assert stored_model(off, keys[-1]) is None
+    assert not train(off, triplets).reused

