@@ -136,6 +136,21 @@ def unbatchable_tasks(datasets: dict[str, Any], global_batch: int, no_duplicates
     }
 
 
+def report_unbatchable_tasks(datasets: dict[str, Any], batch_size: int, processes: int, sampler: str) -> dict[str, int]:
+    """``unbatchable_tasks`` for a run of ``processes`` ranks, each logged: reported, never dropped silently."""
+    small = unbatchable_tasks(datasets, batch_size * processes, sampler != "batch_sampler")
+    for task, rows in small.items():
+        log.warning(
+            "task %s: its %d rows cannot give one batch of %d x %d processes without a repeated text: "
+            "no batch of it is trained on",
+            task,
+            rows,
+            batch_size,
+            processes,
+        )
+    return small
+
+
 @dataclass(frozen=True)
 class SplitBatchSamplerFactory:
     """A ``batch_sampler`` for the training arguments: ``kind`` batches ``parts`` times as large, split.

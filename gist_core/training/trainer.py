@@ -510,22 +510,11 @@ def train(
     device = pick_device()
     train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches, settings.path(TRAIN_ARROW_DIR))
     small: dict[str, int] = {}
-    if processes > 1 and cfg.task_homogeneous_batches:
+    if processes > 1 and cfg.task_homogeneous_batches:  # every global batch is complete under DDP
         # deferred: the samplers import sentence-transformers
-        from gist_core.training.batching import unbatchable_tasks
+        from gist_core.training.batching import report_unbatchable_tasks
 
-        # Every global batch is complete under DDP: a task that cannot give one is reported, not dropped silently.
-        no_duplicates = cfg.batch_sampler != "batch_sampler"
-        small = unbatchable_tasks(train_dataset, cfg.batch_size * processes, no_duplicates)
-    for task, rows in small.items():
-        log.warning(
-            "task %s: its %d rows cannot give one batch of %d x %d processes without a repeated text: "
-            "no batch of it is trained on",
-            task,
-            rows,
-            cfg.batch_size,
-            processes,
-        )
+        small = report_unbatchable_tasks(train_dataset, cfg.batch_size, processes, cfg.batch_sampler)
     student = load_sentence_transformer(student_ref, None, device)
     native_max_seq_length = student.max_seq_length
     student.max_seq_length = cfg.max_seq_length
