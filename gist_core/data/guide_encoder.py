@@ -28,7 +28,8 @@ from gist_core.models import ensure_available, load_sentence_transformer, model_
 log = logging.getLogger(__name__)
 
 STORE_CHUNK = 65_536  # new embeddings gathered before they are stored as one shard
-ENCODE_CHUNK = 8192  # texts encoded per call (a progress line after each)
+ENCODE_CHUNK = 1024  # texts encoded per call
+PROGRESS_SECONDS = 30.0  # at most one progress line this often
 
 
 class TextEmbedder(Protocol):
@@ -122,6 +123,17 @@ class GuideEncoder:
                 vectors = full
         self.from_cache += int(found.sum())
         missing = np.flatnonzero(~found)
+        if len(missing):
+            log.info(
+                "guide %s, %s: %d texts, %d distinct, %d stored; encoding %d",
+                self.name,
+                pass_name,
+                len(texts),
+                len(unique),
+                int(found.sum()),
+                len(missing),
+            )
+        last_line = started
         pending: list[np.ndarray] = []
         for begin in range(0, len(missing), ENCODE_CHUNK):
             rows = missing[begin : begin + ENCODE_CHUNK]
@@ -134,9 +146,11 @@ class GuideEncoder:
             if sum(len(r) for r in pending) >= STORE_CHUNK or done == len(missing):
                 self._keep(unique, vectors, np.concatenate(pending))
                 pending.clear()
-            if len(missing) > ENCODE_CHUNK:
-                elapsed = time.perf_counter() - started
-                log.info("guide %s: %d of %d new texts encoded (%.0f s)", self.name, done, len(missing), elapsed)
+            now = time.perf_counter()
+            if now - last_line >= PROGRESS_SECONDS or (done == len(missing) and now - started >= PROGRESS_SECONDS):
+                elapsed = now - started
+                log.info("guide %s, %s: %d of %d encoded (%.0f s)", self.name, pass_name, done, len(missing), elapsed)
+                last_line = now
         assert vectors is not None
         record = self.passes.setdefault(pass_name, {"texts": 0, "distinct": 0, "encoded": 0, "seconds": 0.0})
         record["texts"] += len(texts)
