@@ -58,7 +58,7 @@ def test_failed_stage_surfaces_dvc_message(project: Path) -> None:
     message = str(err.value)
     assert message.startswith(f"`dvc repro data` failed in {project}: ") and "\n" not in message
     assert "banking77/train.csv not found" in message, message
-    assert "failed to reproduce 'mine'" in message, "DVC's own line follows the stage's"
+    assert "failed to reproduce 'embed'" in message, "DVC's own line follows the stage's (embed reads the splits first)"
 
 
 def test_lock_md5_errors(tmp_path: Path) -> None:
