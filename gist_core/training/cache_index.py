@@ -9,6 +9,8 @@ index is built and when it is asked, never answered with another text's row.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import compress
@@ -140,3 +142,23 @@ def dedup(key: np.ndarray, check: np.ndarray, where: str) -> tuple[KeyIndex, np.
     row_of = np.empty(len(order), dtype=np.int64)
     row_of[order] = entry
     return KeyIndex(sorted_keys[starts], sorted_checks[starts]), order[starts], row_of
+
+
+# Parts of a tokenizer's serialised state that calls change (truncation and padding are set by the
+# first call that truncates or pads) and that do not decide its ids or decoded text for a given call.
+_CALL_STATE = ("truncation", "padding")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides a tokenizer's ids and decoded text; using the tokenizer never changes it."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        for key in _CALL_STATE:
+            state.pop(key, None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(repr(getattr(tokenizer, "clean_up_tokenization_spaces", None)).encode())
+    return digest.hexdigest()[:16]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import logging
 import mmap
@@ -65,6 +64,7 @@ from gist_core.training.cache_index import (
     padded_ids,
     sequence_hashes,
     token_key_hashes,
+    tokenizer_fingerprint,
 )
 from gist_core.training.runtime import pick_device, resolve_models
 from gist_core.versioning import push_to_remote, run_dvc
@@ -348,26 +348,6 @@ class CacheIdentity:
         return out
 
 
-# Parts of a tokenizer's serialised state that calls change (truncation and padding are set by the
-# first call that truncates or pads) and that do not decide its ids or decoded text for a given call.
-_CALL_STATE = ("truncation", "padding")
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything that decides a tokenizer's ids and decoded text; using the tokenizer never changes it."""
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        for key in _CALL_STATE:
-            state.pop(key, None)
-        digest.update(json.dumps(state, sort_keys=True).encode())
-    else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    digest.update(repr(getattr(tokenizer, "clean_up_tokenization_spaces", None)).encode())
-    return digest.hexdigest()[:16]
-
-
 def cache_identity(
     guide_ref: ModelRef, student: SentenceTransformer, triplets: Path, dtype: str = "float32"
 ) -> CacheIdentity:
@@ -408,6 +388,11 @@ def _staging(directory: Path) -> Path:
     return staged
 
 
+# What one build did (timings, what came from the store): returned and logged, never in the manifest,
+# so the DVC output is a function of its inputs and a rebuild elsewhere leaves dvc.lock unchanged.
+RUN_STATS = ("embedded", "from_store", "tokenize_seconds", "embed_seconds", "seconds", "entries_per_second")
+
+
 def _manifest(cached: GuideEmbeddings, identity: CacheIdentity, stats: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
@@ -416,7 +401,7 @@ def _manifest(cached: GuideEmbeddings, identity: CacheIdentity, stats: dict[str,
         "dim": int(cached.embeddings.shape[1]),
         "dtype": str(np.dtype(cached.embeddings.dtype)),
         "retokenized": cached.retokenized,
-        **stats,
+        **{k: v for k, v in stats.items() if k not in RUN_STATS},
     }
 
 
@@ -431,7 +416,7 @@ def write_guide_cache(
     manifest = {**_manifest(cached, identity, stats), "dtype": identity.dtype}
     (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     _swap_in(staged, directory)
-    return manifest
+    return manifest | {k: stats[k] for k in RUN_STATS if k in stats}
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
@@ -514,7 +499,7 @@ def build_guide_cache(
         seconds,
         directory,
     )
-    return manifest
+    return manifest | {k: stats[k] for k in RUN_STATS if k in stats}
 
 
 def load_or_build_guide_cache(

@@ -12,6 +12,7 @@ import yaml
 
 from gist_core.config import settings_from_dict
 from gist_core.errors import DataError
+from gist_core.training.cache_index import tokenizer_fingerprint
 from gist_core.training.guide_cache import (
     CHECKS_FILE,
     EMBEDDINGS_FILE,
@@ -21,7 +22,6 @@ from gist_core.training.guide_cache import (
     KeyIndex,
     feature_keys,
     read_guide_cache,
-    tokenizer_fingerprint,
     write_guide_cache,
 )
 from gist_core.training.loss import GuideCacheMiss, GuideEmbeddingCache, build_loss, mask_stats

@@ -155,6 +155,8 @@ def test_chunked_build_through_the_store_embeds_each_text_once(
     assert first["embedded"] == first["entries"] > 16 and first["from_store"] == 0
     again = build_guide_cache(tmp_path / "b", triplets, student, ref, "cpu", False, store_root=store)
     assert again["embedded"] == 0 and again["from_store"] == again["entries"] == first["entries"]
+    manifests = [(tmp_path / d / guide_cache.MANIFEST_FILE).read_bytes() for d in ("a", "b")]
+    assert manifests[0] == manifests[1], "the tracked manifest holds no timings or store counts"
     built, _ = read_guide_cache(tmp_path / "a")
     rebuilt, _ = read_guide_cache(tmp_path / "b")
     assert np.array_equal(np.asarray(built.embeddings), np.asarray(rebuilt.embeddings))
