@@ -26,36 +26,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import REPO, _texts, _vocabulary  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from scale import _texts, _vocabulary, random_sentence_transformer  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 
 def uae_shaped(folder: Path) -> Path:
     """A random BERT-large with CLS pooling and UAE-Large-V1's dimensions, saved as a sentence-transformers folder."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     out = folder / "uae-shaped"
     if (out / "modules.json").is_file():
         return out
-    tokenizer = AutoTokenizer.from_pretrained(str(REPO / "models" / "all-MiniLM-L6-v2"))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        max_position_embeddings=512,
-    )
-    hf = folder / "hf-uae-shaped"
-    BertModel(config).save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
-    transformer = Transformer(str(hf), max_seq_length=512)
-    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")
-    SentenceTransformer(modules=[transformer, pooling]).save(str(out))
-    return out
+    shape = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+    return random_sentence_transformer(out, 0, pooling="cls", **shape)
 
 
 def texts(n: int, seed: int = 0) -> list[str]:

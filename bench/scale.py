@@ -125,32 +125,34 @@ def write_classification(path: Path, rows: int, seed: int = 1) -> None:
 # ---------------------------------------------------------------- tiny models and projects
 
 
-def tiny_models(folder: Path) -> tuple[Path, Path]:
-    """A 1-layer random BERT student and guide (hidden 64) with all-MiniLM-L6-v2's tokenizer."""
-    student, guide = folder / "student", folder / "guide"
-    if (student / "modules.json").is_file() and (guide / "modules.json").is_file():
-        return student, guide
+def random_sentence_transformer(
+    out: Path, seed: int, pooling: str = "mean", max_seq_length: int = 512, **config: int
+) -> Path:
+    """A random BERT of the given shape with all-MiniLM-L6-v2's tokenizer, saved as a sentence-transformers folder."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(REPO / "models" / "all-MiniLM-L6-v2"))
+    torch.manual_seed(seed)
+    hf = out.parent / f"hf-{out.name}"
+    BertModel(BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **config)).save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    transformer = Transformer(str(hf), max_seq_length=max_seq_length)
+    pooled = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
+    SentenceTransformer(modules=[transformer, pooled]).save(str(out))
+    return out
+
+
+def tiny_models(folder: Path) -> tuple[Path, Path]:
+    """A 1-layer random BERT student and guide (hidden 64) with all-MiniLM-L6-v2's tokenizer."""
+    student, guide = folder / "student", folder / "guide"
+    if (student / "modules.json").is_file() and (guide / "modules.json").is_file():
+        return student, guide
+    shape = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 256}
     for seed, out in ((0, student), (1, guide)):
-        torch.manual_seed(seed)
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=256,
-            max_position_embeddings=512,
-        )
-        hf = folder / f"hf-{out.name}"
-        BertModel(config).save_pretrained(hf)
-        tokenizer.save_pretrained(hf)
-        transformer = Transformer(str(hf), max_seq_length=MAX_SEQ_LENGTH)
-        SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension())]).save(str(out))
+        random_sentence_transformer(out, seed, max_seq_length=MAX_SEQ_LENGTH, **shape)
     return student, guide
 
 
@@ -453,7 +455,8 @@ def main() -> None:
     models = tiny_models(args.work / "models")
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {
-        "command": "HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/scale.py " + " ".join(sys.argv[1:]),
+        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/scale.py " + " ".join(sys.argv[1:]),
+        "niceness": os.nice(0),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "torch_threads": args.threads or "default",
         "load_average_start": os.getloadavg(),
