@@ -172,8 +172,10 @@ def text_labels(triplets_path: Path) -> dict[str, str]:
     for text_column, label_column in LABEL_COLUMNS.items():
         if label_column not in names:
             continue
-        part = pq.read_table(triplets_path, columns=["task_name", text_column, label_column]).to_pandas()
-        part = part[part[label_column].notna() & (part[label_column].astype(str) != "")]
+        table = pq.read_table(triplets_path, columns=["task_name", text_column, label_column])
+        label = pc.cast(table[label_column], pa.string())
+        table = table.filter(pc.fill_null(pc.not_equal(label, ""), False))  # labelled rows only, before pandas
+        part = table.to_pandas()
         qualified = part["task_name"].astype(str) + ":" + part[label_column].astype(str)
         pairs.append(pd.DataFrame({"text": part[text_column].astype(str), "label": qualified}))
     if not pairs:
