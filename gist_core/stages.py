@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from gist_core.catalogue import HUB_PREFIX
 from gist_core.config import Settings
 from gist_core.data.audit import DataReport
 from gist_core.data.mine import Mined
-from gist_core.data.schema import load_triplets
 from gist_core.data.stage import data_stage, embed_stage, mine_stage
 from gist_core.errors import DataError, EvaluationError, GistError, RegistryError
 from gist_core.evaluation.evaluate import cached_results, score_model
@@ -28,7 +29,6 @@ from gist_core.models import (
     ModelRef,
     ensure_available,
     fingerprint,
-    model_fingerprint,
     resolve_model,
 )
 from gist_core.registry import card, promotion, serving, tracking, versions
@@ -387,11 +387,7 @@ def _description(
 
 def unchanged_version(settings: Settings, candidate_dir: Path) -> VersionRecord | None:
     """The registered version whose weights hash equals the candidate's (None: a new model)."""
-    return versions.same_model_version(settings, model_fingerprint(_folder_ref(candidate_dir)))
-
-
-def _folder_ref(folder: Path) -> ModelRef:
-    return ModelRef(str(folder), "path", str(folder))
+    return versions.same_model_version(settings, fingerprint(candidate_dir))
 
 
 def run_register(
@@ -414,7 +410,7 @@ def run_register(
     Raises:
         UnchangedModelError: another run registered the same weights (``unchanged_version``).
     """
-    weights = model_fingerprint(_folder_ref(candidate_dir))
+    weights = fingerprint(candidate_dir)  # a local folder's model_fingerprint
     scored = (evaluation.models.get("candidate") or {}).get("fingerprint")
     if scored and scored != weights:
         raise EvaluationError(
@@ -558,7 +554,8 @@ def _triplets_per_task(path: Path) -> dict[str, int]:
     """Triplets per task of the data version trained on ({} when the file is not here)."""
     if not path.is_file():
         return {}
-    return {str(k): int(v) for k, v in load_triplets(path).groupby("task_name").size().items()}
+    counts = pq.read_table(path, columns=["task_name"]).column("task_name").value_counts()  # one column, not the texts
+    return {str(c["values"]): int(c["counts"]) for c in sorted(counts.to_pylist(), key=lambda c: str(c["values"]))}
 
 
 def _discard_unless_champion(settings: Settings, version: RegisteredVersion) -> None:

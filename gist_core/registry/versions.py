@@ -167,7 +167,8 @@ def register_model(
     name = target.conf.model_name
     mlc = client(target)
     ref = ModelRef(str(model_dir), "path", str(model_dir))
-    tags = {"model_fingerprint": model_fingerprint(ref), **tags}
+    if not tags.get("model_fingerprint"):  # the caller hashed the weights already, as a rule
+        tags = {**tags, "model_fingerprint": model_fingerprint(ref)}
     token = f"{run_id}:{tags['model_fingerprint']}"
     found = retry(target, f"looking up {name!r} versions of run {run_id}", _find_token, mlc, name, token)
     if found is not None:

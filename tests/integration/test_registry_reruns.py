@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from gist_core import stages
 from gist_core.errors import RegistryError
+from gist_core.models import fingerprint
 from gist_core.registry import card, client, history, promotion, tracking, versions
 from gist_core.registry.tags import FINGERPRINT_TAG, PROMOTION_TAG
 from tests.support.mlflow_store import copy_db, migrated_sqlite_db
@@ -264,7 +265,7 @@ def test_cli_register_refuses_a_stale_evaluation_and_records_a_block(
     candidate = variant(tiny_model_dir, root)
     (root / "outputs").mkdir(exist_ok=True)
     candidate.rename(root / "outputs" / "candidate")
-    weights = stages.model_fingerprint(stages._folder_ref(root / "outputs" / "candidate"))
+    weights = fingerprint(root / "outputs" / "candidate")  # the weights hash of a model folder
     (root / "reports").mkdir(exist_ok=True)
     stale = evaluation(0.79)
     stale.models = {"candidate": {"name": "gist-local/model", "revision": "x", "fingerprint": "0" * 64}}

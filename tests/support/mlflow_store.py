@@ -41,6 +41,26 @@ def copy_db(template: Path, dest: Path) -> str:
     return f"sqlite:///{dest}"
 
 
+def mlflow_server_command(port: int, backend_store_uri: str, artifacts_destination: str) -> list[str]:
+    """`mlflow server` on loopback with one worker, a backend store and where artifacts are proxied to."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        artifacts_destination,
+    ]
+
+
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a SQLite backend and a local artifact root."""
 
@@ -59,22 +79,7 @@ class MlflowServer:
     def start(self) -> MlflowServer:
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         env.pop("MLFLOW_TRACKING_URI", None)
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.db}",
-            "--artifacts-destination",
-            str(self.artifacts),
-        ]
+        cmd = mlflow_server_command(self.port, f"sqlite:///{self.db}", str(self.artifacts))
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return self

@@ -28,6 +28,8 @@ from pathlib import Path
 import boto3
 import psutil
 
+from tests.support.mlflow_store import mlflow_server_command
+
 POOL = "gist-local"  # the process work pool of infra/prefect.yaml
 MLFLOW_BUCKET = "gist-mlflow"
 DVC_BUCKET = "gist-dvc"
@@ -274,23 +276,12 @@ class SharedServices:
         )
         self.services["mlflow"] = Service(
             "mlflow",
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.ports["mlflow"]),
-                "--workers",
-                "1",
+            mlflow_server_command(
+                self.ports["mlflow"],
                 # SQLAlchemy 2 maps a bare postgresql:// to psycopg 3: name the installed driver
-                "--backend-store-uri",
                 f"postgresql+psycopg2://postgres@{pg}/mlflow",
-                "--artifacts-destination",
                 f"s3://{MLFLOW_BUCKET}/artifacts",
-            ],
+            ),
             mlflow_env,
             self.logs,
             cwd=self.root / "mlflow-cwd",
