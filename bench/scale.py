@@ -8,13 +8,20 @@ and records wall time and peak RSS (``ru_maxrss`` of that process):
 - ``encode``: the guide's raw ``encode`` of the distinct texts (the yardstick of the cache build);
 - ``guide_cache``: `gist guide-cache` (the DVC stage), with an empty embedding store;
 - ``train``: `gist train` for ``--steps`` steps: start-up (process start to the first step) and the
-  median seconds per step over the steps after the first ``--warmup``;
+  median seconds per step over the full-batch steps after the first ``--warmup`` (``step_seconds``:
+  the same step at every size; at 10k most synthetic tasks are smaller than one batch and give
+  partial batches, whose median is ``step_seconds_all``). The data loader fetches one batch ahead,
+  so a step's interval holds the next batch's reading and tokenizing: a full-batch step is one whose
+  own batch and the next are full;
 - ``torchrun``: the same training with two processes on this host: the ranks' peak RSS and their
   proportional set size (PSS: a shared page counts once across the ranks) at the end.
 
 ``--passes`` adds the guide-pass accounting of issue 13 item 4 at the smallest size: mining (a
 synthetic classification source), the audit's verdicts (MEDI's texts) and the training cache,
 each pass's texts, encoded texts and seconds, sharing one embedding store.
+
+``--stages train`` measures training again on the data and guide cache a previous run left in
+``--work`` (each size's ``records-N`` folder), without regenerating them.
 
 Models: a 1-layer BERT (hidden 64) as student and another as guide, random, with all-MiniLM-L6-v2's
 tokenizer (from ``models/``), built by the script. Prints a Markdown table and writes JSON.
@@ -199,6 +206,19 @@ def _pss_kb() -> int:
     return -1
 
 
+def _rss_split_mb() -> dict[str, float]:
+    """Resident memory now, split: anonymous (this process's own) and file-backed (memory-mapped
+    files: the page cache, shared between processes and reclaimable)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0].lower().replace("rss", "rss_") + "_mb"] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
 def child(stage: str, root: Path, steps: int, warmup: int, threads: int) -> dict[str, Any]:
     """Run one stage in this process; returns its measurements (printed as JSON by ``main``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -247,22 +267,51 @@ def child(stage: str, root: Path, steps: int, warmup: int, threads: int) -> dict
         from gist_core.training.trainer import train
 
         marks: list[float] = []
+        rows: list[int] = []  # each step's anchors (a task smaller than a batch gives a partial one)
+        tokens: list[int] = []  # each step's padded token count over its columns (the model's work)
+
+        def count_rows(module: Any, inputs: tuple[Any, ...]) -> None:
+            if not (rows and inputs and isinstance(inputs[0], dict) and "input_ids" in inputs[0]):
+                return
+            shape = inputs[0]["input_ids"].shape
+            if not rows[-1]:
+                rows[-1] = int(shape[0])
+            tokens[-1] += int(shape[0] * shape[1])
 
         class StepTimer(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+                model.register_forward_pre_hook(count_rows)  # the first forward of a step: its anchors
+
             def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 marks.append(time.perf_counter())
+                rows.append(0)
+                tokens.append(0)
 
             def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 marks.append(time.perf_counter())
 
         result = train(settings, settings.path(settings.data.output), callbacks=[StepTimer()])
         steps_seconds = [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
+        # accelerate's data loader fetches one batch ahead: a step's interval trains its batch and
+        # fetches (reads, tokenizes) the next, so a full step is one whose batch and the next are full
+        size = settings.train.batch_size
+        ahead = [*rows[1:], 0]
+        timed = list(zip(steps_seconds, rows, ahead, tokens, strict=False))[warmup:]
+        full = [seconds for seconds, n, following, _ in timed if n == following == size]
+        full_tokens = [t for _, n, following, t in timed if n == following == size]
+        out["full_batch_tokens"] = round(statistics.mean(full_tokens)) if full_tokens else None
         out["startup_seconds"] = round(marks[0] - STARTED, 2) if marks else None
-        out["step_seconds"] = round(statistics.median(steps_seconds[warmup:]), 4) if steps_seconds else None
+        # the same step at every size: a full batch (at 10k most tasks are smaller than one batch)
+        out["step_seconds"] = round(statistics.median(full), 4) if full else None
+        out["full_batch_steps"] = len(full)
+        out["full_step_seconds"] = [round(x, 5) for x in full]
+        out["step_seconds_all"] = round(statistics.median(t[0] for t in timed), 4) if timed else None
+        out["mean_rows_per_step"] = round(statistics.mean(t[1] for t in timed), 1) if timed else None
         out["steps"] = result.steps
         out["world_size"] = result.world_size
         out["skipped_tasks"] = len(result.skipped_tasks)
         out["pss_mb"] = round(_pss_kb() / 1024, 1)
+        out |= _rss_split_mb()
     out["seconds"] = round(time.perf_counter() - began, 2)
     out["process_seconds"] = round(time.perf_counter() - STARTED, 2)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -299,25 +348,35 @@ def run_stage(stage: str, root: Path, steps: int, warmup: int, ranks: int = 1) -
 
 def measure(size: int, work: Path, models: tuple[Path, Path], steps: int, warmup: int, args: Any) -> dict[str, Any]:
     root = work / f"records-{size}"
-    if root.exists():
-        shutil.rmtree(root)
-    medi = root / "medi-data.json"
-    tick = time.perf_counter()
-    shape = write_medi(medi, size)
-    shape["file_mb"] = round(medi.stat().st_size / 2**20, 1)
-    shape["generate_seconds"] = round(time.perf_counter() - tick, 1)
-    write_project(root, medi, *models, steps, sampler=args.sampler)
-    row: dict[str, Any] = {"records": size, "medi": shape}
-    print(f"[{size}] data ...", file=sys.stderr, flush=True)
-    (row["data"],) = run_stage("data", root, steps, warmup)
-    if args.data_only:
-        shutil.rmtree(root)
+    row: dict[str, Any] = {"records": size}
+    if "data" in args.stages:
+        if root.exists():
+            shutil.rmtree(root)
+        medi = root / "medi-data.json"
+        tick = time.perf_counter()
+        row["medi"] = write_medi(medi, size)
+        row["medi"]["file_mb"] = round(medi.stat().st_size / 2**20, 1)
+        row["medi"]["generate_seconds"] = round(time.perf_counter() - tick, 1)
+        write_project(root, medi, *models, steps, sampler=args.sampler)
+        print(f"[{size}] data ...", file=sys.stderr, flush=True)
+        (row["data"],) = run_stage("data", root, steps, warmup)
+        if args.data_only:
+            shutil.rmtree(root)
+            return row
+    elif not (root / "data" / "prepared" / "triplets.parquet").is_file():
+        raise SystemExit(f"{root}: no data from an earlier run to reuse (run with the data stage first)")
+    else:
+        write_project(root, root / "medi-data.json", *models, steps, sampler=args.sampler)
+    if "guide_cache" in args.stages:
+        if size <= args.encode_max:
+            print(f"[{size}] raw encode ...", file=sys.stderr, flush=True)
+            (row["encode"],) = run_stage("encode", root, steps, warmup)
+        print(f"[{size}] guide cache ...", file=sys.stderr, flush=True)
+        (row["guide_cache"],) = run_stage("guide_cache", root, steps, warmup)
+    if "train" not in args.stages:
         return row
-    if size <= args.encode_max:
-        print(f"[{size}] raw encode ...", file=sys.stderr, flush=True)
-        (row["encode"],) = run_stage("encode", root, steps, warmup)
-    print(f"[{size}] guide cache ...", file=sys.stderr, flush=True)
-    (row["guide_cache"],) = run_stage("guide_cache", root, steps, warmup)
+    if (root / "outputs").exists():
+        shutil.rmtree(root / "outputs")  # no checkpoint to resume from, no kept model to reuse
     print(f"[{size}] train ...", file=sys.stderr, flush=True)
     (row["train"],) = run_stage("train", root, steps, warmup)
     if size in args.torchrun_sizes:
@@ -328,12 +387,38 @@ def measure(size: int, work: Path, models: tuple[Path, Path], steps: int, warmup
             "sum_peak_rss_mb": round(sum(r["peak_rss_mb"] for r in ranks), 1),
             "sum_pss_mb": round(sum(r["pss_mb"] for r in ranks), 1),
         }
-    if not args.keep:
-        for name in ("medi-data.json", "store", ".cache"):
-            path = root / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
+
+
+def repeat_training(rows: list[dict[str, Any]], work: Path, steps: int, warmup: int, repeats: int) -> None:
+    """Train ``repeats - 1`` more times at every size, alternating sizes, so that a per-step ratio between
+    sizes is not one noisy pair (single steps on a shared 2-vCPU VM vary by +-20%): ``step_seconds``
+    becomes the median of every full-batch step of every repeat, ``repeats`` each run's median."""
+    for _ in range(repeats - 1):
+        for row in rows:
+            if "train" not in row:
+                continue
+            root = work / f"records-{row['records']}"
+            shutil.rmtree(root / "outputs", ignore_errors=True)
+            (again,) = run_stage("train", root, steps, warmup)
+            first = row["train"]
+            first.setdefault("repeats", [first["step_seconds"]]).append(again["step_seconds"])
+            first["full_step_seconds"] = first.get("full_step_seconds", []) + again["full_step_seconds"]
+            first.setdefault("repeat_peak_rss_mb", [first["peak_rss_mb"]]).append(again["peak_rss_mb"])
+            first.setdefault("repeat_startup_seconds", [first["startup_seconds"]]).append(again["startup_seconds"])
+    for row in rows:
+        pooled = (row.get("train") or {}).get("full_step_seconds")
+        if pooled:
+            row["train"]["step_seconds"] = round(statistics.median(pooled), 4)
+            row["train"]["full_batch_steps"] = len(pooled)
+
+
+def clean(work: Path, size: int) -> None:
+    """Drop what a size's run left that only a rerun needs (the MEDI file, the embedding store, the Arrow cache)."""
+    for name in ("medi-data.json", "store", ".cache"):
+        path = work / f"records-{size}" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def guide_passes(work: Path, models: tuple[Path, Path], size: int) -> dict[str, Any]:
@@ -377,17 +462,18 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["growth_1m_vs_10x_100k"] = growth
     if 200_000 in by:
         r = by[200_000]
+        cache, train = r.get("guide_cache") or {}, r.get("train") or {}
         out["at_200k"] = {
-            "guide_cache_peak_rss_mb": r["guide_cache"]["peak_rss_mb"],
+            "guide_cache_peak_rss_mb": cache.get("peak_rss_mb"),
             "guide_cache_build_vs_raw_encode": _ratio(
-                r["guide_cache"]["seconds"], (r.get("encode") or {}).get("encode_seconds")
+                cache.get("seconds"), (r.get("encode") or {}).get("encode_seconds")
             ),
-            "train_startup_seconds": r["train"]["startup_seconds"],
-            "train_peak_rss_mb": r["train"]["peak_rss_mb"],
+            "train_startup_seconds": max(train.get("repeat_startup_seconds") or [train.get("startup_seconds") or 0]),
+            "train_peak_rss_mb": max(train.get("repeat_peak_rss_mb") or [train.get("peak_rss_mb") or 0]),
         }
     if 1_000_000 in by:
         r = by[1_000_000]
-        out["at_1m"] = {"data_peak_rss_mb": r["data"]["peak_rss_mb"]}
+        out["at_1m"] = {"data_peak_rss_mb": (r.get("data") or {}).get("peak_rss_mb")}
         if "train" in r:
             out["at_1m"] |= {
                 "step_vs_10k": _ratio(
@@ -407,22 +493,24 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| records | data s | data MB | raw encode s | guide cache s | cache MB | cache/encode | train start-up s "
-        "| s/step | train MB | 2 ranks: sum RSS / sum PSS MB |"
+        "| s/step (full batches) | s/step (all) | train MB | 2 ranks: sum RSS / sum PSS MB |"
     )
-    lines = [head, "|" + "---:|" * 11]
+    lines = [head, "|" + "---:|" * 12]
+
+    def cell(r: dict[str, Any], stage: str, key: str, fmt: str = "{}") -> str:
+        value = (r.get(stage) or {}).get(key)
+        return "-" if value is None else fmt.format(value)
+
     for r in rows:
-        if "guide_cache" not in r:
-            lines.append(f"| {r['records']:,} | {r['data']['seconds']} | {r['data']['peak_rss_mb']:.0f} |" + " - |" * 8)
-            continue
         enc = (r.get("encode") or {}).get("encode_seconds")
         tr = r.get("torchrun")
         ranks = f"{tr['sum_peak_rss_mb']:.0f} / {tr['sum_pss_mb']:.0f}" if tr else "-"
+        ratio = _ratio((r.get("guide_cache") or {}).get("seconds"), enc)
         lines.append(
-            f"| {r['records']:,} | {r['data']['seconds']} | {r['data']['peak_rss_mb']:.0f} | {enc if enc else '-'} "
-            f"| {r['guide_cache']['seconds']} | {r['guide_cache']['peak_rss_mb']:.0f} "
-            f"| {_ratio(r['guide_cache']['seconds'], enc) or '-'} | {r['train']['startup_seconds']} "
-            f"| {r['train']['step_seconds']} | {r['train']['peak_rss_mb']:.0f} "
-            f"| {ranks} |"
+            f"| {r['records']:,} | {cell(r, 'data', 'seconds')} | {cell(r, 'data', 'peak_rss_mb', '{:.0f}')} "
+            f"| {enc or '-'} | {cell(r, 'guide_cache', 'seconds')} | {cell(r, 'guide_cache', 'peak_rss_mb', '{:.0f}')} "
+            f"| {ratio or '-'} | {cell(r, 'train', 'startup_seconds')} | {cell(r, 'train', 'step_seconds')} "
+            f"| {cell(r, 'train', 'step_seconds_all')} | {cell(r, 'train', 'peak_rss_mb', '{:.0f}')} | {ranks} |"
         )
     return "\n".join(lines)
 
@@ -442,7 +530,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gist-scale"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep each size's data and caches")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="training runs per size, alternating sizes (s/step: their median)"
+    )
     parser.add_argument("--data-only", action="store_true", help="measure only the data stage")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=["data", "guide_cache", "train"],
+        choices=["data", "guide_cache", "train"],
+        help="stages to run (without data: reuse each size's data and cache from an earlier run in --work)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -476,6 +574,12 @@ def main() -> None:
     for size in args.sizes:
         rows.append(measure(size, args.work, models, args.steps, args.warmup, args))
         save()
+    if args.repeats > 1:
+        repeat_training(rows, args.work, args.steps, args.warmup, args.repeats)
+        save()
+    if not args.keep:
+        for size in args.sizes:
+            clean(args.work, size)
     print(markdown(rows))
     print(json.dumps(result["targets"], indent=2))
     if "guide_passes" in result:

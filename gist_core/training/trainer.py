@@ -164,17 +164,17 @@ def text_labels(triplets_path: Path) -> dict[str, str]:
     """Each text's label, from the triplets' label columns (task-qualified, so labels of two tasks never match).
 
     Texts seen with two different labels are left out (their label is unknown); rows without
-    labels (e.g. MEDI) add nothing. Empty when the file has no label columns. Vectorised: a million
-    unlabelled rows cost one filter.
+    labels (e.g. MEDI) add nothing. Empty when the file has no label columns. The filter runs in
+    the Parquet scan, a batch at a time: unlabelled rows' texts are never held (a million MEDI rows
+    cost a few MB, not the text columns).
     """
     names = set(pq.read_schema(triplets_path).names)
     pairs = []
     for text_column, label_column in LABEL_COLUMNS.items():
         if label_column not in names:
             continue
-        table = pq.read_table(triplets_path, columns=["task_name", text_column, label_column])
-        label = pc.cast(table[label_column], pa.string())
-        table = table.filter(pc.fill_null(pc.not_equal(label, ""), False))  # labelled rows only, before pandas
+        labelled = pc.field(label_column).cast(pa.string()) != ""  # null labels drop out too
+        table = pq.read_table(triplets_path, columns=["task_name", text_column, label_column], filters=labelled)
         part = table.to_pandas()
         qualified = part["task_name"].astype(str) + ":" + part[label_column].astype(str)
         pairs.append(pd.DataFrame({"text": part[text_column].astype(str), "label": qualified}))

@@ -7,6 +7,8 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -14,7 +16,7 @@ import yaml
 from gist_core.config import settings_from_dict
 from gist_core.errors import ConfigError
 from gist_core.training.loss import GuideMaskStats
-from gist_core.training.trainer import last_checkpoint, mean_train_loss, run_key
+from gist_core.training.trainer import last_checkpoint, mean_train_loss, run_key, text_labels
 
 
 def _settings(repo_root: Path, tmp: Path, **train):
@@ -95,6 +97,34 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint-6").exists()
     assert last_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-4"
     assert not (tmp_path / "checkpoint-6").exists()
+
+
+def test_text_labels_reads_labelled_rows_only_and_leaves_out_conflicts(tmp_path: Path) -> None:
+    path = tmp_path / "triplets.parquet"
+    table = pa.table(
+        {
+            "task_name": ["emotion", "emotion", "emotion", "medi_task", "banking"],
+            "anchor": ["happy day", "sad day", "odd one", "a MEDI query", "odd one"],
+            "positive": ["great day", "bad day", "x", "a MEDI passage", "y"],
+            "negative": ["bad day", "great day", "z", "another passage", "w"],
+            "anchor_label": ["joy", "sadness", "joy", "", None],
+            "positive_label": ["joy", "sadness", "sadness", "", None],
+            "negative_label": ["sadness", "joy", "fear", "", None],
+        }
+    )
+    pq.write_table(table, path, row_group_size=2)  # the filter runs per row group
+    labels = text_labels(path)
+    assert labels["happy day"] == "emotion:joy"
+    assert labels["bad day"] == "emotion:sadness"  # as a positive and as a negative: one label
+    assert "odd one" in labels  # labelled once (the banking row has no label)
+    assert "a MEDI query" not in labels and "y" not in labels  # unlabelled rows add nothing
+    conflicted = pq.read_table(path).to_pylist()
+    conflicted[2]["anchor_label"] = "fear"
+    conflicted.append({**conflicted[0], "anchor_label": "sadness"})  # "happy day" seen with two labels
+    pq.write_table(pa.Table.from_pylist(conflicted), path)
+    assert "happy day" not in text_labels(path)
+    pq.write_table(table.drop_columns(["anchor_label", "positive_label", "negative_label"]), path)
+    assert text_labels(path) == {}
 
 
 def test_mean_train_loss_weights_each_logged_interval() -> None:
