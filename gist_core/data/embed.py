@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from gist_core.data.guide_encoder import GuideEncoder, load_guide
 from gist_core.data.mine import mining_pool
 from gist_core.embedding_store import KEY_DTYPE, string_keys
 from gist_core.errors import DataError
+from gist_core.folders import replaced_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +71,6 @@ def _texts_to_embed(settings: Settings) -> Iterator[tuple[str, list[str]]]:
 def write_embeddings(folder: Path, guide: GuideEncoder, keys: np.ndarray, params: dict[str, Any]) -> dict[str, Any]:
     """Write the unit-length embeddings of ``keys`` (all embedded by ``guide`` already), sorted by key."""
     keys = np.unique(keys)
-    staged = folder.with_name(folder.name + ".partial")
-    if staged.exists():
-        shutil.rmtree(staged)
-    staged.mkdir(parents=True)
-    vectors = None
-    for begin in range(0, len(keys), WRITE_CHUNK):
-        part = guide.stored(keys[begin : begin + WRITE_CHUNK])
-        if vectors is None:
-            shape = (len(keys), part.shape[1])
-            vectors = np.lib.format.open_memmap(staged / VECTORS_FILE, mode="w+", dtype=np.float32, shape=shape)
-        vectors[begin : begin + len(part)] = part
-    if vectors is None:
-        np.save(staged / VECTORS_FILE, np.empty((0, 0), dtype=np.float32))
-    else:
-        vectors.flush()
-        del vectors
-    np.save(staged / KEYS_FILE, keys)
     manifest = {
         "format": EMBED_FORMAT,
         "guide": guide.name,
@@ -96,10 +79,21 @@ def write_embeddings(folder: Path, guide: GuideEncoder, keys: np.ndarray, params
         "entries": len(keys),
         "params": params,
     }
-    (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    staged.rename(folder)
+    with replaced_folder(folder) as staged:
+        vectors = None
+        for begin in range(0, len(keys), WRITE_CHUNK):
+            part = guide.stored(keys[begin : begin + WRITE_CHUNK])
+            if vectors is None:
+                shape = (len(keys), part.shape[1])
+                vectors = np.lib.format.open_memmap(staged / VECTORS_FILE, mode="w+", dtype=np.float32, shape=shape)
+            vectors[begin : begin + len(part)] = part
+        if vectors is None:
+            np.save(staged / VECTORS_FILE, np.empty((0, 0), dtype=np.float32))
+        else:
+            vectors.flush()
+            del vectors
+        np.save(staged / KEYS_FILE, keys)
+        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 

@@ -38,7 +38,6 @@ import ctypes.util
 import json
 import logging
 import mmap
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -54,6 +53,7 @@ from gist_core.config import Settings
 from gist_core.data.schema import TEXT_COLUMNS
 from gist_core.embedding_store import INPUT_TEXT, KEY_DTYPE, EmbeddingStore, string_keys
 from gist_core.errors import DataError
+from gist_core.folders import replaced_folder
 from gist_core.hashing import file_md5
 from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint
 from gist_core.training.cache_index import (
@@ -369,25 +369,6 @@ def triplet_texts(triplets: Path) -> pa.ChunkedArray:
     return pa.chunked_array([chunk.cast(pa.large_string()) for c in TEXT_COLUMNS for chunk in table[c].chunks])
 
 
-def _swap_in(staged: Path, directory: Path) -> None:
-    old = directory.with_name(directory.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if directory.exists():
-        directory.rename(old)
-    staged.rename(directory)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _staging(directory: Path) -> Path:
-    staged = directory.with_name(directory.name + ".partial")
-    if staged.exists():
-        shutil.rmtree(staged)
-    staged.mkdir(parents=True)
-    return staged
-
-
 # What one build did (timings, what came from the store): returned and logged, never in the manifest,
 # so the DVC output is a function of its inputs and a rebuild elsewhere leaves dvc.lock unchanged.
 RUN_STATS = ("embedded", "from_store", "tokenize_seconds", "embed_seconds", "seconds", "entries_per_second")
@@ -409,13 +390,12 @@ def write_guide_cache(
     directory: Path, cached: GuideEmbeddings, identity: CacheIdentity, stats: dict[str, Any]
 ) -> dict[str, Any]:
     """Write an in-memory cache into ``directory``, replacing any old one; the folder is complete or absent."""
-    staged = _staging(directory)
-    np.save(staged / EMBEDDINGS_FILE, np.asarray(cached.embeddings, dtype=identity.dtype))
-    np.save(staged / KEYS_FILE, cached.index.keys)
-    np.save(staged / CHECKS_FILE, cached.index.checks)
-    manifest = {**_manifest(cached, identity, stats), "dtype": identity.dtype}
-    (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    _swap_in(staged, directory)
+    with replaced_folder(directory) as staged:
+        np.save(staged / EMBEDDINGS_FILE, np.asarray(cached.embeddings, dtype=identity.dtype))
+        np.save(staged / KEYS_FILE, cached.index.keys)
+        np.save(staged / CHECKS_FILE, cached.index.checks)
+        manifest = {**_manifest(cached, identity, stats), "dtype": identity.dtype}
+        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest | {k: stats[k] for k in RUN_STATS if k in stats}
 
 
@@ -469,26 +449,25 @@ def build_guide_cache(
     if store_root is not None:
         form = store_input_form(student, guide, must_retokenize(student, guide))
         store = EmbeddingStore(store_root, identity.guide_fingerprint, int(student.max_seq_length), form)
-    staged = _staging(directory)
     started = time.perf_counter()
     stats: dict[str, Any] = {}
+    with replaced_folder(directory) as staged:
 
-    def allocate(shape: tuple[int, int]) -> np.ndarray:
-        return np.lib.format.open_memmap(staged / EMBEDDINGS_FILE, mode="w+", dtype=identity.dtype, shape=shape)
+        def allocate(shape: tuple[int, int]) -> np.ndarray:
+            return np.lib.format.open_memmap(staged / EMBEDDINGS_FILE, mode="w+", dtype=identity.dtype, shape=shape)
 
-    cached = embed_like_gist_loss(
-        student, guide, triplets, show_progress_bar=show_progress_bar, allocate=allocate, store=store, stats=stats
-    )
-    if isinstance(cached.embeddings, np.memmap):
-        cached.embeddings.flush()
-    np.save(staged / KEYS_FILE, cached.index.keys)
-    np.save(staged / CHECKS_FILE, cached.index.checks)
-    seconds = time.perf_counter() - started
-    stats.update(seconds=round(seconds, 2), entries_per_second=round(cached.entries / max(seconds, 1e-9), 1))
-    manifest = _manifest(cached, identity, stats)
-    (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    del cached
-    _swap_in(staged, directory)
+        cached = embed_like_gist_loss(
+            student, guide, triplets, show_progress_bar=show_progress_bar, allocate=allocate, store=store, stats=stats
+        )
+        if isinstance(cached.embeddings, np.memmap):
+            cached.embeddings.flush()
+        np.save(staged / KEYS_FILE, cached.index.keys)
+        np.save(staged / CHECKS_FILE, cached.index.checks)
+        seconds = time.perf_counter() - started
+        stats.update(seconds=round(seconds, 2), entries_per_second=round(cached.entries / max(seconds, 1e-9), 1))
+        manifest = _manifest(cached, identity, stats)
+        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        del cached
     log.info(
         "guide-embedding cache: %d texts (%d entries; %d embedded, %d from the store) by %s in %.1f s -> %s",
         stats["texts"],
@@ -558,12 +537,9 @@ def store_root(settings: Settings) -> Path | None:
 
 def write_placeholder(directory: Path, reason: str) -> dict[str, Any]:
     """An empty cache that no identity matches (training rebuilds it if it ever needs the cache)."""
-    staged = _staging(directory)
     manifest = {"format": FORMAT_VERSION, "identity": None, "entries": 0, "texts": 0, "seconds": 0.0, "skipped": reason}
-    (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    staged.rename(directory)
+    with replaced_folder(directory) as staged:
+        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 

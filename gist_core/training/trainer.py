@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from gist_core.config import Settings
 from gist_core.data.schema import LABEL_COLUMNS, load_triplets, load_triplets_schema
+from gist_core.folders import replaced_folder
 from gist_core.hashing import file_md5, json_digest, labelled_files_digest
 from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint, runtime_libraries
 from gist_core.training.guide_cache import load_or_build_guide_cache, store_root
@@ -583,16 +584,10 @@ def _save_atomically(student: SentenceTransformer, result: TrainResult, output_d
 
 def _copy_atomically(source: Path, dest: Path, result: TrainResult) -> None:
     """Copy a saved model folder (its metrics rewritten from ``result``); complete or absent."""
-    _replace_folder(dest, result, lambda staged: shutil.copytree(source, staged))
+    _replace_folder(dest, result, lambda staged: shutil.copytree(source, staged, dirs_exist_ok=True))
 
 
 def _replace_folder(dest: Path, result: TrainResult, write: Callable[[str], Any]) -> None:
-    staged = dest.with_name(dest.name + ".partial")
-    if staged.exists():
-        shutil.rmtree(staged)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    write(str(staged))
-    (Path(staged) / TRAIN_METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")  # last: complete
-    if dest.exists():
-        shutil.rmtree(dest)
-    Path(staged).rename(dest)
+    with replaced_folder(dest) as staged:
+        write(str(staged))
+        (staged / TRAIN_METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")  # last: complete
