@@ -36,14 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from gist_core.config import Settings
-from gist_core.data.schema import LABEL_COLUMNS, load_triplets, load_triplets_schema
 from gist_core.folders import replaced_folder
 from gist_core.hashing import file_md5, json_digest, labelled_files_digest
 from gist_core.models import ModelRef, load_sentence_transformer, model_fingerprint, runtime_libraries
@@ -56,6 +49,7 @@ from gist_core.training.runtime import (
     set_seed,
     world_size,
 )
+from gist_core.training.train_data import TRAIN_ARROW_DIR, build_train_dataset, text_labels
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -67,7 +61,6 @@ LogFn = Callable[[dict[str, float], int], None]
 TRAIN_METRICS_FILE = "train_metrics.json"
 MODEL_CARD_FULL_STATS_TASKS = 16  # above this many tasks the model card's statistics read a sample of each
 MODEL_CARD_SAMPLE_ROWS = 10
-TRAIN_ARROW_DIR = ".cache/train-datasets"  # the triplets as task-sorted Arrow files, memory-mapped by training
 TRAINER_STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
 # Settings that change neither the trained weights nor the batches: a run may resume (or be reused) across them.
 NOT_IN_RUN_KEY = frozenset(
@@ -98,92 +91,6 @@ class TrainResult:
         out = asdict(self)
         out["output_dir"] = str(self.output_dir)
         return out
-
-
-TRAIN_COLUMNS = ["anchor", "positive", "negative"]
-
-
-def _task_sorted_arrow(triplets_path: Path, folder: Path) -> Path:
-    """The training columns sorted by task as an Arrow file (written once per data version), for memory-mapping."""
-    target = folder / f"{file_md5(triplets_path)}.arrow"
-    if target.is_file():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pq.read_table(triplets_path, columns=["task_name", *TRAIN_COLUMNS])
-    order = pc.sort_indices(table, sort_keys=[("task_name", "ascending")])  # stable: file order within a task
-    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        for begin in range(0, len(order), 65_536):  # sorted a slice at a time: no second copy of the table
-            writer.write_table(table.take(order.slice(begin, 65_536)))
-    del table
-    pa.default_memory_pool().release_unused()
-    tmp.replace(target)
-    return target
-
-
-def build_train_dataset(triplets_path: Path, task_homogeneous: bool, arrow_dir: Path | None = None) -> Any:
-    """A Dataset of (anchor, positive, negative), or a DatasetDict with one dataset per task.
-
-    With ``arrow_dir`` the rows are memory-mapped from an Arrow file sorted by task (each task a
-    contiguous slice, nothing copied): start-up costs one pass over the file per data version, and
-    processes on one host share the pages. Without it they are read into memory.
-    """
-    # deferred: datasets takes a second to import
-    from datasets import Dataset, DatasetDict
-
-    if arrow_dir is None:
-        frame = load_triplets(triplets_path)
-        if not task_homogeneous:
-            return Dataset.from_pandas(frame[TRAIN_COLUMNS], preserve_index=False)
-        return DatasetDict(
-            {
-                str(task): Dataset.from_pandas(group[TRAIN_COLUMNS], preserve_index=False)
-                for task, group in frame.groupby("task_name", sort=True)
-            }
-        )
-    load_triplets_schema(triplets_path)
-    data = Dataset.from_file(str(_task_sorted_arrow(triplets_path, arrow_dir)))
-    tasks = data.data.column("task_name")
-    data = data.remove_columns("task_name")
-    if not task_homogeneous:
-        return data
-    names, starts = _runs(tasks)
-    bounds = [*starts, len(data)]
-    return DatasetDict({name: data.select(range(bounds[i], bounds[i + 1])) for i, name in enumerate(names)})
-
-
-def _runs(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
-    """The values of a sorted column and where each run of equal values starts."""
-    values = column.to_numpy(zero_copy_only=False).astype(object)
-    if not len(values):
-        return [], []
-    starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
-    return [str(values[i]) for i in starts], [int(i) for i in starts]
-
-
-def text_labels(triplets_path: Path) -> dict[str, str]:
-    """Each text's label, from the triplets' label columns (task-qualified, so labels of two tasks never match).
-
-    Texts seen with two different labels are left out (their label is unknown); rows without
-    labels (e.g. MEDI) add nothing. Empty when the file has no label columns. The filter runs in
-    the Parquet scan, a batch at a time: unlabelled rows' texts are never held (a million MEDI rows
-    cost a few MB, not the text columns).
-    """
-    names = set(pq.read_schema(triplets_path).names)
-    pairs = []
-    for text_column, label_column in LABEL_COLUMNS.items():
-        if label_column not in names:
-            continue
-        labelled = pc.field(label_column).cast(pa.string()) != ""  # null labels drop out too
-        table = pq.read_table(triplets_path, columns=["task_name", text_column, label_column], filters=labelled)
-        part = table.to_pandas()
-        qualified = part["task_name"].astype(str) + ":" + part[label_column].astype(str)
-        pairs.append(pd.DataFrame({"text": part[text_column].astype(str), "label": qualified}))
-    if not pairs:
-        return {}
-    labelled = pd.concat(pairs, ignore_index=True).drop_duplicates()
-    clear = labelled[~labelled["text"].duplicated(keep=False)]  # a text with two labels: unknown
-    return dict(zip(clear["text"], clear["label"], strict=True))
 
 
 def training_code_hash() -> str:

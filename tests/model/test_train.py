@@ -10,7 +10,8 @@ import yaml
 
 from gist_core.config import settings_from_dict
 from gist_core.errors import ModelError
-from gist_core.training.trainer import TRAIN_METRICS_FILE, build_train_dataset, train
+from gist_core.training.train_data import build_train_dataset
+from gist_core.training.trainer import TRAIN_METRICS_FILE, train
 from tests.support.triplets import write_triplets
 
 pytestmark = pytest.mark.slow

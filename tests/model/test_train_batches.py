@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from gist_core.config import settings_from_dict
-from gist_core.training.trainer import build_train_dataset, training_arguments
+from gist_core.training.train_data import build_train_dataset
+from gist_core.training.trainer import training_arguments
 from tests.support.triplets import write_triplets
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,8 @@ import yaml
 from gist_core.config import settings_from_dict
 from gist_core.errors import ConfigError
 from gist_core.training.loss import GuideMaskStats
-from gist_core.training.trainer import last_checkpoint, mean_train_loss, run_key, text_labels
+from gist_core.training.train_data import task_groups, task_sorted_arrow, text_labels
+from gist_core.training.trainer import last_checkpoint, mean_train_loss, run_key
 
 
 def _settings(repo_root: Path, tmp: Path, **train):
@@ -97,6 +98,39 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint-6").exists()
     assert last_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-4"
     assert not (tmp_path / "checkpoint-6").exists()
+
+
+def test_the_task_sorted_file_is_written_a_bounded_group_of_tasks_at_a_time(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    tasks = [f"task_{t}" for t in rng.integers(0, 7, size=200)] + ["Émotion", "zeta"]  # non-ASCII sorts by bytes
+    table = pa.table(
+        {
+            "task_name": tasks,
+            "anchor": [f"a{i}" for i in range(len(tasks))],
+            "positive": [f"p{i}" for i in range(len(tasks))],
+            "negative": [f"n{i}" for i in range(len(tasks))],
+            "anchor_label": [""] * len(tasks),
+        }
+    )
+    path = tmp_path / "triplets.parquet"
+    pq.write_table(table, path, row_group_size=37)
+    groups = task_groups(table["task_name"], rows_per_pass=60)
+    assert [t for g in groups for t in g] == sorted(set(tasks), key=lambda t: t.encode())
+    counts = {t: tasks.count(t) for t in set(tasks)}
+    assert all(sum(counts[t] for t in g) <= 60 or len(g) == 1 for g in groups) and len(groups) > 2
+    written = task_sorted_arrow(path, tmp_path / "arrow", rows_per_pass=60)
+    with pa.memory_map(str(written)) as source:
+        got = pa.ipc.open_stream(source).read_all()
+    expected = table.select(["task_name", "anchor", "positive", "negative"])
+    expected = expected.take(pa.compute.sort_indices(expected, sort_keys=[("task_name", "ascending")]))
+    assert got.equals(expected)  # the one-pass sort's result: by task, file order within a task
+    assert task_sorted_arrow(path, tmp_path / "arrow") == written  # once per data version
+    grouped = tmp_path / "grouped.parquet"  # written task by task, as MEDI is: passes skip row groups
+    pq.write_table(table.take(pa.compute.sort_indices(table, sort_keys=[("task_name", "descending")])), grouped)
+    pq.write_table(pq.read_table(grouped), grouped, row_group_size=16)
+    again = task_sorted_arrow(grouped, tmp_path / "arrow2", rows_per_pass=60)
+    with pa.memory_map(str(again)) as source:
+        assert pa.ipc.open_stream(source).read_all().equals(expected)
 
 
 def test_text_labels_reads_labelled_rows_only_and_leaves_out_conflicts(tmp_path: Path) -> None:
