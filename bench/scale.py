@@ -297,9 +297,9 @@ def child(stage: str, root: Path, steps: int, warmup: int, threads: int) -> dict
         size = settings.train.batch_size
         ahead = [*rows[1:], 0]
         timed = list(zip(steps_seconds, rows, ahead, tokens, strict=False))[warmup:]
-        full = [seconds for seconds, n, following, _ in timed if n == following == size]
-        full_tokens = [t for _, n, following, t in timed if n == following == size]
-        out["full_batch_tokens"] = round(statistics.mean(full_tokens)) if full_tokens else None
+        full_steps = [(seconds, t) for seconds, n, following, t in timed if n == following == size]
+        full = [seconds for seconds, _ in full_steps]
+        out["full_batch_tokens"] = round(statistics.mean(t for _, t in full_steps)) if full_steps else None
         out["startup_seconds"] = round(marks[0] - STARTED, 2) if marks else None
         # the same step at every size: a full batch (at 10k most tasks are smaller than one batch)
         out["step_seconds"] = round(statistics.median(full), 4) if full else None
@@ -375,8 +375,7 @@ def measure(size: int, work: Path, models: tuple[Path, Path], steps: int, warmup
         (row["guide_cache"],) = run_stage("guide_cache", root, steps, warmup)
     if "train" not in args.stages:
         return row
-    if (root / "outputs").exists():
-        shutil.rmtree(root / "outputs")  # no checkpoint to resume from, no kept model to reuse
+    shutil.rmtree(root / "outputs", ignore_errors=True)  # no checkpoint to resume from, no kept model to reuse
     print(f"[{size}] train ...", file=sys.stderr, flush=True)
     (row["train"],) = run_stage("train", root, steps, warmup)
     if size in args.torchrun_sizes:
@@ -531,7 +530,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep each size's data and caches")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="training runs per size, alternating sizes (s/step: their median)"
+        "--repeats",
+        type=int,
+        default=1,
+        help="training runs per size, alternating sizes (s/step: median of all their full-batch steps)",
     )
     parser.add_argument("--data-only", action="store_true", help="measure only the data stage")
     parser.add_argument(

@@ -3,8 +3,8 @@
 A stage that writes a folder (the guide-embedding cache, the `embed` stage's embeddings, a trained
 model) writes it under ``<name>.partial`` next to the destination and swaps it in at the end. A
 reader never sees a half-written folder: until the swap it sees the previous one, after it the new
-one; a run that fails leaves the previous folder in place and only the ``.partial`` one behind
-(removed by the next attempt).
+one. A write that raises leaves the previous folder in place and removes its ``.partial`` one; a
+process killed mid-write leaves its ``.partial`` folder behind, and the next attempt removes it.
 """
 
 from __future__ import annotations

@@ -57,13 +57,16 @@ def _row_groups_with(parquet: pq.ParquetFile, first: str, last: str) -> list[int
     return keep
 
 
-def task_sorted_arrow(triplets_path: Path, folder: Path, rows_per_pass: int = SORT_ROWS_PER_PASS) -> Path:
+def task_sorted_arrow(
+    triplets_path: Path, folder: Path, rows_per_pass: int = SORT_ROWS_PER_PASS, data_md5: str | None = None
+) -> Path:
     """The training columns sorted by task (stable: file order within a task) as an Arrow file, for memory-mapping.
 
     Written once per data version, one group of tasks per pass over the Parquet file (each pass
-    keeps only its group's rows), so memory stays bounded at any data size.
+    keeps only its group's rows), so memory stays bounded at any data size. ``data_md5``: the
+    triplets' md5 when the caller has it already (the file is named after it).
     """
-    target = folder / f"{file_md5(triplets_path)}.arrow"
+    target = folder / f"{data_md5 or file_md5(triplets_path)}.arrow"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,7 @@ def task_sorted_arrow(triplets_path: Path, folder: Path, rows_per_pass: int = SO
             wanted = pa.array(group, type=schema.field("task_name").type)
             row_groups = _row_groups_with(parquet, group[0], group[-1])
             parts = [
-                batch.filter(pc.is_in(batch.column(0), value_set=wanted))
+                batch.filter(pc.is_in(batch.column("task_name"), value_set=wanted))
                 for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=columns, row_groups=row_groups)
             ]
             table = pa.Table.from_batches([p for p in parts if p.num_rows], schema=schema)
@@ -90,7 +93,9 @@ def task_sorted_arrow(triplets_path: Path, folder: Path, rows_per_pass: int = SO
     return target
 
 
-def build_train_dataset(triplets_path: Path, task_homogeneous: bool, arrow_dir: Path | None = None) -> Any:
+def build_train_dataset(
+    triplets_path: Path, task_homogeneous: bool, arrow_dir: Path | None = None, data_md5: str | None = None
+) -> Any:
     """A Dataset of (anchor, positive, negative), or a DatasetDict with one dataset per task.
 
     With ``arrow_dir`` the rows are memory-mapped from an Arrow file sorted by task (each task a
@@ -111,7 +116,7 @@ def build_train_dataset(triplets_path: Path, task_homogeneous: bool, arrow_dir: 
             }
         )
     load_triplets_schema(triplets_path)
-    data = Dataset.from_file(str(task_sorted_arrow(triplets_path, arrow_dir)))
+    data = Dataset.from_file(str(task_sorted_arrow(triplets_path, arrow_dir, data_md5=data_md5)))
     tasks = data.data.column("task_name")
     data = data.remove_columns("task_name")
     if not task_homogeneous:

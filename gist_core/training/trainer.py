@@ -418,7 +418,9 @@ def train(
         return _reuse(settings, stored, key)
     set_seed(settings.base.seed)
     device = pick_device()
-    train_dataset = build_train_dataset(triplets_path, cfg.task_homogeneous_batches, settings.path(TRAIN_ARROW_DIR))
+    train_dataset = build_train_dataset(
+        triplets_path, cfg.task_homogeneous_batches, settings.path(TRAIN_ARROW_DIR), data_md5=data_md5
+    )
     small: dict[str, int] = {}
     if processes > 1 and cfg.task_homogeneous_batches:  # every global batch is complete under DDP
         # deferred: the samplers import sentence-transformers
